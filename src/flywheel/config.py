@@ -123,7 +123,7 @@ def render_config_template(name: str, trigger: str) -> str:
     """The commented ``flywheel.toml`` that ``flywheel init`` writes (the comments are the docs)."""
     template = (Path(__file__).parent / "data" / "flywheel.toml.template").read_text(encoding="utf-8")
     # Validate before writing so `init` never writes a config that `load_config` would refuse.
-    ProjectConfig(name=name, trigger=trigger)
+    parse_config({"project": {"name": name, "trigger": trigger}}, "--name/--trigger")
     return template.replace("{{name}}", _toml_string(name)).replace("{{trigger}}", _toml_string(trigger))
 
 

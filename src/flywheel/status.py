@@ -1,0 +1,81 @@
+"""``flywheel status``: what the catalog holds, counted per kind, round, stage and verdict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flywheel.project import Project
+
+# Newest verdict / review per image (the tables are append-only; the newest row is the current one).
+LATEST_VERDICT = """
+SELECT v.image_id, v.verdict FROM verdicts v
+JOIN (SELECT image_id, MAX(id) AS id FROM verdicts GROUP BY image_id) last ON last.id = v.id
+"""
+LATEST_REVIEW = """
+SELECT r.image_id, r.decision FROM reviews r
+JOIN (SELECT image_id, MAX(id) AS id FROM reviews GROUP BY image_id) last ON last.id = r.id
+"""
+
+
+@dataclass
+class Status:
+    name: str
+    trigger: str
+    images: list[tuple[str, int, int]] = field(default_factory=list)  # kind, round, count
+    captioned: int = 0
+    stages: list[tuple[str, str, int]] = field(default_factory=list)  # stage, status, count
+    verdicts: list[tuple[str, str, int]] = field(default_factory=list)  # kind, verdict, count
+    reviews: list[tuple[str, int]] = field(default_factory=list)  # decision, count
+    datasets: list[tuple[int, int, int]] = field(default_factory=list)  # version, round, members
+    lora_runs: list[tuple[int, int, str]] = field(default_factory=list)  # id, round, status
+
+
+def collect_status(project: Project) -> Status:
+    q = project.catalog.query
+    return Status(
+        name=project.config.project.name,
+        trigger=project.config.project.trigger,
+        images=[tuple(r) for r in q("SELECT kind, round, COUNT(*) FROM images GROUP BY kind, round ORDER BY round, kind")],
+        captioned=q("SELECT COUNT(DISTINCT image_id) FROM captions")[0][0],
+        stages=[tuple(r) for r in q("SELECT stage, status, COUNT(*) FROM operations GROUP BY stage, status ORDER BY stage, status")],
+        verdicts=[tuple(r) for r in q(
+            f"SELECT i.kind, lv.verdict, COUNT(*) FROM ({LATEST_VERDICT}) lv JOIN images i ON i.id = lv.image_id "
+            "GROUP BY i.kind, lv.verdict ORDER BY i.kind, lv.verdict")],
+        reviews=[tuple(r) for r in q(f"SELECT decision, COUNT(*) FROM ({LATEST_REVIEW}) GROUP BY decision ORDER BY decision")],
+        datasets=[tuple(r) for r in q(
+            "SELECT d.version, d.round, COUNT(m.image_id) FROM dataset_versions d "
+            "LEFT JOIN dataset_members m ON m.dataset_id = d.id GROUP BY d.id ORDER BY d.version")],
+        lora_runs=[tuple(r) for r in q("SELECT id, round, status FROM lora_runs ORDER BY id")],
+    )
+
+
+def render_status(status: Status):
+    """A rich renderable: one small table per aspect (empty aspects are left out)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    def table(title: str, headers: list[str], rows: list[tuple]) -> Table:
+        t = Table(title=title, title_justify="left", show_edge=False)
+        for h in headers:
+            t.add_column(h, justify="right" if h in ("count", "round", "members", "version", "run") else "left")
+        for row in rows:
+            t.add_row(*(str(c) for c in row))
+        return t
+
+    parts = [f"[bold]{status.name}[/bold]  trigger: [cyan]{status.trigger}[/cyan]"]
+    if not status.images:
+        parts.append("No images yet: run `flywheel ingest PATH...`")
+    else:
+        parts.append(table("Images", ["kind", "round", "count"], status.images))
+        parts.append(f"Captioned images: {status.captioned}")
+    if status.stages:
+        parts.append(table("Operations", ["stage", "status", "count"], status.stages))
+    if status.verdicts:
+        parts.append(table("Judge verdicts (newest per image)", ["kind", "verdict", "count"], status.verdicts))
+    if status.reviews:
+        parts.append(table("Human reviews (newest per image)", ["decision", "count"], status.reviews))
+    if status.datasets:
+        parts.append(table("Dataset versions", ["version", "round", "members"], status.datasets))
+    if status.lora_runs:
+        parts.append(table("LoRA runs", ["run", "round", "status"], status.lora_runs))
+    return Group(*parts)

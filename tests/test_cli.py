@@ -1,0 +1,53 @@
+"""The CLI is thin: these check wiring, output format and exit codes, not stage logic."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from flywheel.cli import main
+from flywheel.sample import write_sample
+
+
+def test_init_ingest_status_roundtrip(tmp_path):
+    runner = CliRunner()
+    proj = tmp_path / "proj"
+    res = runner.invoke(main, ["init", str(proj), "--name", "Astro", "--trigger", "fw_astro"])
+    assert res.exit_code == 0, res.output
+    sources = write_sample(tmp_path / "src")
+    (tmp_path / "src" / "broken.png").write_bytes(b"")
+
+    res = runner.invoke(main, ["-C", str(proj), "ingest", str(tmp_path / "src")])
+    assert res.exit_code == 0, res.output
+    assert f"rejected  {tmp_path / 'src' / 'broken.png'}: empty file (0 bytes)" in res.output
+    assert f"ingest: {len(sources)} added, 0 skipped, 1 rejected" in res.output
+
+    res = runner.invoke(main, ["-C", str(proj), "status"])
+    assert res.exit_code == 0, res.output
+    assert "source" in res.output and "fw_astro" in res.output
+
+
+def test_errors_are_one_message_and_a_hint_without_traceback(tmp_path):
+    res = CliRunner().invoke(main, ["-C", str(tmp_path), "status"])
+    assert res.exit_code == 1
+    assert "Error: no flywheel.toml" in res.output and "Hint: run `flywheel init" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_bad_config_points_at_the_key(tmp_path):
+    runner = CliRunner()
+    runner.invoke(main, ["init", str(tmp_path / "p"), "--name", "A", "--trigger", "fw_a"])
+    cfg = tmp_path / "p" / "flywheel.toml"
+    cfg.write_text(cfg.read_text().replace("min_side = 256", "min_size = 256"))
+    res = runner.invoke(main, ["-C", str(tmp_path / "p"), "status"])
+    assert res.exit_code == 1
+    assert "ingest.min_size: unknown key (did you mean 'min_side'?)" in res.output
+
+
+def test_demo_runs_and_resumes(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["demo", str(tmp_path / "demo")])
+    assert res.exit_code == 0, res.output
+    assert "ingest: 5 added" in res.output
+    res = runner.invoke(main, ["demo", str(tmp_path / "demo")])
+    assert res.exit_code == 0, res.output
+    assert "ingest: 0 added, 5 skipped, 0 rejected" in res.output
