@@ -118,3 +118,10 @@ def test_store_is_content_addressed_and_refuses_non_hash_names(tmp_path):
     assert store.open_image(sha1).getpixel((0, 0)) == (1, 2, 3)
     with pytest.raises(CatalogError, match="not a content hash"):
         store.image_path("../../etc/passwd")
+
+
+def test_documented_schema_is_current():
+    from flywheel.catalog.schema_doc import render
+
+    doc = (Path(__file__).parents[1] / "docs" / "catalog.md").read_text(encoding="utf-8")
+    assert render(doc) == doc, "docs/catalog.md is stale: run python -m flywheel.catalog.schema_doc docs/catalog.md"
