@@ -55,6 +55,7 @@ def test_upgrade_of_a_shipped_v1_catalog_keeps_its_rows(tmp_path):
     assert cat.query("SELECT original_name FROM images")[0][0] == "hero.png"
     assert cat.query("SELECT verdict FROM verdicts")[0][0] == "accepted"
     assert cat.query("SELECT decision FROM reviews")[0][0] == "rejected"
+    assert cat.query("SELECT purpose FROM images")[0][0] == "train"  # m002 default for old rows
     assert [r[0] for r in cat.query(f"SELECT name FROM {MIGRATIONS_TABLE}")] == [n for n, _ in MIGRATIONS]
 
 

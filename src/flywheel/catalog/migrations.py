@@ -181,3 +181,13 @@ CREATE TABLE evaluations (
 );
 """,
 )
+
+
+migration(
+    "m002_image_purpose",
+    """
+-- Evaluation images (held-out prompts x fixed seeds) are judged and measured but must never enter a
+-- training set, or later rounds would be evaluated on what they trained on.
+ALTER TABLE images ADD COLUMN purpose TEXT NOT NULL DEFAULT 'train' CHECK (purpose IN ('train', 'eval'));
+""",
+)
