@@ -63,3 +63,7 @@ class MissingExtraError(FlywheelError):
             f"{purpose} needs the Python package '{package}', which is not installed.",
             hint=f"pip install 'character-flywheel[{extra}]'  (or run ./scripts/setup.sh)",
         )
+
+
+class ReviewError(FlywheelError):
+    """A human review cannot be recorded or served (unknown image, unknown decision, unsafe server setup)."""
