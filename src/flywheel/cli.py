@@ -109,6 +109,68 @@ def _print_ingest(result) -> None:
 
 
 @main.command()
+@click.option("--backend", type=click.Choice(["qwen-image-edit", "flux-kontext", "instruct-pix2pix", "composite"]),
+              default=None, help="Override [enrich] backend for this run ('composite' runs on CPU, offline).")
+@click.pass_context
+def enrich(ctx: click.Context, backend: str | None) -> None:
+    """Edit every source with the configured recipes (new backgrounds, light, styles, angles). Resumable."""
+    from flywheel.enrich import enrich as run_enrich
+
+    with _open(ctx) as project, rich_progress("enrich") as progress:
+        cfg = project.config.enrich
+        if backend is not None:
+            cfg = cfg.model_copy(update={"backend": backend})
+        result = run_enrich(project, cfg, progress=progress)
+    for key, error in result.failed:
+        click.secho(f"  failed  {key}: {error}", fg="red")
+    click.echo(result.summary())
+
+
+@main.command()
+@click.option("--template", is_flag=True, help="Build captions from the edit recipes instead of asking the VLM.")
+@click.pass_context
+def caption(ctx: click.Context, template: bool) -> None:
+    """Caption every image not yet captioned under the current [caption] policy (trigger word included)."""
+    from flywheel.caption import caption as run_caption
+
+    with _open(ctx) as project, rich_progress("caption") as progress:
+        cfg = project.config
+        if template:
+            cfg = cfg.model_copy(update={"caption": cfg.caption.model_copy(update={"mode": "template"})})
+        result = run_caption(project, cfg, progress=progress)
+    if not result.written and not result.failed:
+        click.echo(f"caption: every image already has a caption from policy {result.policy}")
+        return
+    for image_id, traits in result.flagged_traits.items():
+        click.secho(f"  image {image_id}: caption mentions identity traits {', '.join(traits)}", fg="yellow")
+    click.echo(f"caption: {result.count('vlm')} by the VLM, {result.count('template')} from templates "
+               f"({len(result.fell_back)} fallbacks), {len(result.failed)} failed, "
+               f"trigger inserted in {len(result.trigger_inserted)} (policy {result.policy})")
+
+
+@main.command()
+@click.option("--no-vlm", is_flag=True, help="Judge on pixel signals only (faces, change, sharpness, noise).")
+@click.pass_context
+def judge(ctx: click.Context, no_vlm: bool) -> None:
+    """Score every edited/generated image and record a verdict (accepted / rejected / needs_review)."""
+    from flywheel.judge import judge as run_judge
+
+    with _open(ctx) as project, rich_progress("judge") as progress:
+        cfg = project.config
+        if no_vlm:
+            cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"judge": "none"})})
+        result = run_judge(project, cfg, progress=progress)
+    if not result.verdicts:
+        click.echo(f"judge: every image already has a verdict under policy {result.policy}")
+        return
+    for image_id, verdict, reason in result.verdicts:
+        if verdict != "accepted":
+            click.secho(f"  {verdict:12s} image {image_id}: {reason}", fg="red" if verdict == "rejected" else "yellow")
+    click.echo(f"judge: {result.count('accepted')} accepted, {result.count('rejected')} rejected, "
+               f"{result.count('needs_review')} need review (policy {result.policy})")
+
+
+@main.command()
 @click.pass_context
 def status(ctx: click.Context) -> None:
     """Counts per kind, round, stage and verdict."""
@@ -131,3 +193,129 @@ def demo(directory: Path) -> None:
     _console().print(render_status(summary.status))
     for line in summary.notes:
         click.echo(line)
+
+
+# --- models ---------------------------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """Model presets, and what a model needs once loaded."""
+
+
+def _models_config(ctx: click.Context):
+    """The project's [models] section when there is a project here, else the defaults."""
+    import os
+
+    from flywheel.config import CONFIG_FILENAME, ModelsConfig, load_config
+    from flywheel.errors import ProjectNotFoundError
+    from flywheel.project import find_project_root
+
+    try:
+        root = find_project_root(ctx.obj["project_dir"] or Path(os.environ.get("FLYWHEEL_PROJECT", ".")))
+    except ProjectNotFoundError:
+        return ModelsConfig()
+    return load_config(root / CONFIG_FILENAME).models
+
+
+@models.command("list")
+def models_list() -> None:
+    """The presets: name, family, hub id and approximate GPU memory."""
+    from flywheel.models.presets import PRESETS, TINY_FOR_ROLE
+
+    def gib(v: float | None) -> str:
+        return f"~{v:g} GiB" if v else "-"
+
+    rows = [("preset", "role", "family", "hub id", "VRAM bf16", "VRAM nf4", "note")]
+    rows += [(p.name, p.role, p.family, p.hub_id or "(built locally)", gib(p.vram_gib), gib(p.vram_gib_nf4), p.note)
+             for p in PRESETS.values()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:  # plain columns: readable when piped, and in narrow terminals
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    roles = ", ".join(f"{role}: {name}" for role, name in TINY_FOR_ROLE.items())
+    click.echo(f'"tiny" picks the tiny model for the role ({roles}). Any preset can be replaced by a local folder.')
+
+
+@models.command("info")
+@click.argument("name_or_path")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override [models].device.")
+@click.option("--quantization", type=click.Choice(["none", "nf4", "int8"]), default=None,
+              help="Override [models].quantization.")
+@click.pass_context
+def models_info(ctx: click.Context, name_or_path: str, device: str | None, quantization: str | None) -> None:
+    """Load a preset, folder or hub id and report parameters, dtype, device and VRAM used."""
+    from flywheel.models import model_info
+
+    cfg = _models_config(ctx)
+    updates = {k: v for k, v in (("device", device), ("quantization", quantization)) if v}
+    info = model_info(name_or_path, cfg.model_copy(update=updates))
+    for key in ("model", "family", "folder", "parameters", "weights_gib", "dtype", "device", "quantization", "vram"):
+        value = info.get(key)
+        if key == "parameters":
+            value = f"{value:,}"
+        elif key == "weights_gib":
+            value = f"{value:.3f} GiB on disk"
+        click.echo(f"{key:>13}: {value}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback needs --token.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--token", envvar="FLYWHEEL_REVIEW_TOKEN", default=None,
+              help="Secret every request must carry (env FLYWHEEL_REVIEW_TOKEN keeps it out of `ps`).")
+@click.option("--reviewer", default=None, help="Name recorded with each decision (default: your login name).")
+@click.option("--no-browser", is_flag=True, help="Do not open a browser tab.")
+@click.pass_context
+def review(ctx: click.Context, host: str, port: int, token: str | None, reviewer: str | None, no_browser: bool) -> None:
+    """Review images in your browser: accept / reject / skip by keyboard; decisions go to the catalog."""
+    from flywheel.web import serve
+
+    serve(ctx.obj["project_dir"], host=host, port=port, token=token, reviewer=reviewer, open_browser=not no_browser,
+          on_ready=lambda url: click.echo(f"Review at {url}  (Ctrl+C to stop)"))
+
+
+@main.command()
+@click.option("--resume", "resume", is_flag=True, help="Continue the newest unfinished run from its last checkpoint.")
+@click.option("--run", "run_id", type=int, default=None, help="With --resume: the run id to continue.")
+@click.option("--dataset", "dataset_version", type=int, default=None,
+              help="Train on this frozen dataset version (default: freeze a new one for the next round).")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Override [train] steps.")
+@click.pass_context
+def train(ctx: click.Context, resume: bool, run_id: int | None, dataset_version: int | None, steps: int | None) -> None:
+    """Train a FLUX.1 LoRA on accepted images + captions (sources always in); resumable."""
+    from flywheel.train import train as run_train
+
+    with _open(ctx) as project, rich_progress("train") as progress:
+        cfg = project.config.train if steps is None else project.config.train.model_copy(update={"steps": steps})
+        result = run_train(project, cfg, dataset_version=dataset_version, resume=(run_id or True) if resume else False,
+                           progress=progress)
+    click.echo(f"run {result.run_id} (dataset v{result.dataset_version}): final loss {result.losses[-1]:.4f}")
+    click.echo(f"  LoRA (diffusers): {result.lora_path}\n  LoRA (kohya/ComfyUI): {result.kohya_path}")
+
+
+@main.command()
+@click.option("--run", "run_id", type=int, default=None, help="LoRA run to use (default: the newest finished one).")
+@click.pass_context
+def generate(ctx: click.Context, run_id: int | None) -> None:
+    """Generate round-k synthetic images: prompt bank x seeds with LoRA round k (then: flywheel judge)."""
+    from flywheel.generate import generate as run_generate
+
+    with _open(ctx) as project, rich_progress("generate") as progress:
+        result = run_generate(project, lora_run_id=run_id, progress=progress)
+    click.echo(f"round {result.round}: {len(result.image_ids)} images generated, {result.skipped} already there")
+
+
+@main.command(name="export")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["kohya", "ai-toolkit", "imagefolder"]), default="kohya",
+              show_default=True)
+@click.option("--dataset", "version", type=int, default=None, help="Dataset version (default: the newest).")
+@click.option("--repeats", type=click.IntRange(1), default=10, show_default=True, help="kohya folder repeats.")
+@click.option("--overwrite", is_flag=True, help="Replace DEST if it is not empty.")
+@click.pass_context
+def export_cmd(ctx: click.Context, dest: Path, fmt: str, version: int | None, repeats: int, overwrite: bool) -> None:
+    """Export a frozen dataset version as image + caption files for other trainers."""
+    from flywheel.export import export_dataset
+
+    with _open(ctx) as project:
+        result = export_dataset(project, dest, fmt=fmt, version=version, repeats=repeats, overwrite=overwrite)
+    click.echo(f"dataset v{result.dataset_version}: {result.images} images -> {result.folder}")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from flywheel.errors import ConfigError
 
@@ -61,11 +61,243 @@ class IngestConfig(Section):
     detect_faces: bool = True
 
 
+DEFAULT_CAPTION_PROMPT = (
+    "Write one caption for this training image of the character {trigger}. Begin with the word {trigger}. "
+    "Describe only what changes from picture to picture: {vary}. {traits}"
+    "The word {trigger} already stands for the character's fixed look (face, body, hair), so never describe it. "
+    "Write one or two plain sentences with no quotes, lists or preamble."
+)
+
+
+class CaptionConfig(Section):
+    mode: Literal["vlm", "template"] = Field(
+        "vlm", description="'vlm': the captioner writes captions; 'template': built from the edit recipe/prompt."
+    )
+    template_fallback: bool = Field(True, description="Use a template caption when the VLM output is unusable.")
+    vary: list[str] = Field(
+        default_factory=lambda: ["setting", "background", "lighting", "pose", "expression", "art style", "framing"],
+        description="What captions describe: the things that vary between images.",
+    )
+    identity_traits: list[str] = Field(
+        default_factory=list, description="Fixed traits captions leave out (the trigger carries them), e.g. 'red hair'."
+    )
+    strip_identity_traits: bool = Field(False, description="Remove listed traits from captions (else only flag).")
+    prompt: str = Field(DEFAULT_CAPTION_PROMPT, description="Captioner prompt; placeholders {trigger} {vary} {traits}.")
+    batch_size: int = Field(4, ge=1, le=256)
+    max_new_tokens: int = Field(96, ge=8, le=2048)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_placeholders(cls, v: str) -> str:
+        try:
+            v.format(trigger="t", vary="v", traits="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"bad placeholder ({err}); use only {{trigger}}, {{vary}} and {{traits}} (double literal braces: {{{{ }}}})"
+            ) from None
+        return v
+
+
+class JudgeConfig(Section):
+    structured_verdict: bool = Field(True, description="Also ask the VLM for a JSON verdict with reasons.")
+    batch_size: int = Field(4, ge=1, le=256)
+    max_new_tokens: int = Field(192, ge=16, le=2048)
+    # Identity: dlib face-embedding distance to the closest source face (0.6 is dlib's same-person line).
+    max_face_distance: float = Field(0.6, gt=0.0, le=2.0)
+    # dlib HOG detections scoring below this are ignored: weak hits are mostly patterns, not faces.
+    min_face_score: float = Field(0.5, ge=0.0)
+    no_face: Literal["defer", "needs_review", "reject", "ignore"] = Field(
+        "defer", description="No face in the image or the sources: 'defer' to the VLM (needs_review without one)."
+    )
+    min_same_character_prob: float = Field(0.5, ge=0.0, le=1.0)
+    # Optional whole-image identity: a DINOv2 / CLIP hub id or folder ("none": off); cosine to the closest source.
+    image_embedding_model: str = "none"
+    min_image_similarity: float = Field(0.5, ge=-1.0, le=1.0)
+    # Edit applied: share of pixels changed vs the parent, and the VLM's P(edit applied).
+    min_changed_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    min_edit_prob: float = Field(0.5, ge=0.0, le=1.0)
+    # Quality: variance of the Laplacian at 512 px (0..1 intensities), estimated noise sigma, P(artifacts).
+    min_sharpness: float = Field(0.0005, ge=0.0)
+    max_noise_sigma: float = Field(0.04, gt=0.0)
+    max_artifact_prob: float = Field(0.5, ge=0.0, le=1.0)
+    # Near-duplicate: perceptual-hash Hamming distance (of 64 bits) to a source or an accepted image.
+    near_duplicate_distance: int = Field(6, ge=0, le=32)
+    # ...confirmed by pixels: a relit or recoloured variant keeps its phash but is not a duplicate.
+    near_duplicate_max_change: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class TuneJudgeConfig(Section):
+    """``flywheel tune-judge``: a LoRA on the judge VLM learned from human reviews (docs/tune_judge.md)."""
+
+    held_out_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of reviewed images held out, by source.")
+    split_seed: int = 0
+    min_examples: int = Field(8, ge=2, description="Fewer accepted/rejected human reviews than this is an error.")
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str = Field(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+                                description="Regex of the modules that get LoRA layers (peft).")
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    quantize_base: Literal["auto", "none", "nf4"] = Field(
+        "auto", description="'auto': QLoRA (4-bit NF4 base) on CUDA, plain LoRA in float32 on CPU.")
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    use_active_adapter: bool = Field(
+        True, description="`flywheel judge` uses the newest promoted adapter of [models] judge (if any).")
+
+
+class TrainConfig(Section):
+    """``flywheel train``: a FLUX.1 LoRA on a frozen dataset version (documented in flywheel.toml.template)."""
+
+    base_model: str = "black-forest-labs/FLUX.1-dev"
+    resolution: int = Field(1024, ge=64, multiple_of=16, description="Bucket area is about resolution^2 px.")
+    bucket_step: int = Field(64, ge=16, multiple_of=16, description="Bucket sides are multiples of this (px).")
+    max_aspect: float = Field(2.0, ge=1.0, le=4.0)
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1)
+    repeats: int = Field(1, ge=1, description="Times each image appears per epoch.")
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    caption_dropout: float = Field(0.05, ge=0, le=1)
+    guidance: float = Field(1.0, ge=0)
+    timestep_sampling: Literal["shifted_sigmoid", "sigmoid", "uniform"] = "shifted_sigmoid"
+    gradient_checkpointing: bool = True
+    quantize_base: Literal["none", "fp8", "int8", "nf4"] = "none"
+    compile: bool = False
+    max_sequence_length: int = Field(512, ge=16, le=512)
+    checkpoint_every: int = Field(250, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    sample_every: int = Field(250, ge=0, description="0 = only at the end.")
+    sample_prompts: list[str] = Field(default_factory=lambda: [
+        "a photo of {trigger}, portrait, soft window light",
+        "{trigger} walking through a busy city street at night, full body",
+    ])
+    sample_seeds: list[int] = Field(default_factory=lambda: [0])
+    sample_steps: int = Field(28, ge=1)
+    sample_size: int = Field(1024, ge=64)
+    seed: int = 42
+
+
+class GenerateConfig(Section):
+    """``flywheel generate``: round-k synthetic images from the prompt bank with LoRA round k."""
+
+    prompts: int = Field(0, ge=0, description="How many bank prompts to use (0 = all).")
+    seeds_per_prompt: int = Field(2, ge=1)
+    extra_prompts: list[str] = Field(default_factory=list, description="Added to the shipped bank; use {trigger}.")
+    use_shipped_prompts: bool = True
+    width: int = Field(1024, ge=16, multiple_of=16)
+    height: int = Field(1024, ge=16, multiple_of=16)
+    steps: int = Field(28, ge=1)
+    guidance: float = Field(3.5, ge=0)
+    max_sequence_length: int = Field(512, ge=16, le=512)
+    batch_size: int = Field(4, ge=1)
+    lora_scale: float = 1.0
+    seed: int = 0
+
+
+class ModelsConfig(Section):
+    """``[models]``: which model plays each role, and how models are loaded (see docs/models.md)."""
+
+    captioner: str = Field("qwen2-vl-2b", description="Preset name, local folder or hub id of the captioner VLM.")
+    judge: str = Field("qwen2-vl-2b", description="Preset name, local folder or hub id of the judge VLM.")
+    editor: str = Field("qwen-image-edit-2511", description="Preset name, local folder or hub id of the editor.")
+    base: str = Field("flux-dev", description="Preset name, local folder or hub id of the text-to-image base.")
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    vlm_max_pixels: int = Field(1024 * 1024, ge=56 * 56, description="Images are downscaled to this many pixels.")
+    cpu_offload: bool = False
+    trust_remote_code: bool = False
+
+    @field_validator("captioner", "judge", "editor", "base")
+    @classmethod
+    def _known_model(cls, v: str, info: ValidationInfo) -> str:
+        from flywheel.models.hub import looks_like_path
+        from flywheel.models.presets import PRESETS, suggest
+
+        if v == "none" and info.field_name == "judge":  # judge on pixel signals only (docs/judging.md)
+            return v
+        if v == "tiny" or v in PRESETS or looks_like_path(v) or v.count("/") == 1:
+            return v
+        close = suggest(v)
+        raise ValueError(
+            "not a preset name, a folder or a hub id (owner/name)"
+            + (f"; did you mean '{close}'?" if close else "")
+            + " (`flywheel models list` shows the presets)"
+        )
+
+
+class EnrichConfig(Section):
+    """``flywheel enrich``: identity-preserving edits of every source (recipes in ``flywheel.recipes``)."""
+
+    backend: Literal["qwen-image-edit", "flux-kontext", "instruct-pix2pix", "composite"] = Field(
+        "qwen-image-edit", description="'composite' is the CPU editor (person segmentation + compositing)."
+    )
+    recipes: list[str] = Field(
+        default_factory=lambda: ["forest", "city_night", "beach", "sunset", "neon", "oil_painting", "anime",
+                                 "left_view", "right_view", "close_up"],
+        min_length=1, description="Recipe ids, axes (background, lighting, style, camera) or 'all'.",
+    )
+    seeds: int = Field(1, ge=1, le=64, description="Edits per source and recipe, with seeds seed, seed+1, ...")
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(1, ge=1, le=64)
+    references: int = Field(2, ge=0, le=8, description="Other sources passed as extra references (Qwen-Image-Edit).")
+    extra_recipe_files: list[Path] = Field(default_factory=list, description="Your recipe TOML files.")
+
+
+class EvaluateConfig(Section):
+    """``flywheel evaluate``: LoRA round vs round on held-out prompts and fixed seeds (docs/evaluation.md)."""
+
+    prompts: list[str] = Field(
+        default_factory=list, description="Held-out prompts with {trigger}; empty = the shipped evaluation set.")
+    seed: int = Field(1000, description="First seed; each prompt is rendered with seeds seed .. seed+n-1.")
+    seeds_per_prompt: int = Field(2, ge=1)
+    image_embedder: str | None = Field(
+        None, description="DINO/DINOv2 or CLIP hub id or folder for DINO / CLIP-I (e.g. facebook/dinov2-small).")
+    clip_model: str | None = Field(None, description="CLIP hub id or folder for CLIP-T (prompt fidelity).")
+    primary: Literal["auto", "recognisable", "face_distance", "dino", "clip_i", "clip_t", "judge_pass"] = "auto"
+    judge_images: bool = Field(True, description="Judge the evaluation images, for the judge pass rate.")
+    resamples: int = Field(2000, ge=100, le=100_000)
+
+
+class LoopConfig(Section):
+    """``flywheel run``: the whole data flywheel, resumable from the catalog."""
+
+    rounds: int = Field(2, ge=1, le=10, description="LoRA rounds: v1 on sources + edits, v2 adds vetted synthetic.")
+    sources: list[str] = Field(default_factory=list, description="Paths/globs ingested first (relative to the project).")
+    review: Literal["auto", "needs_review", "all"] = Field(
+        "needs_review", description="Gate before each dataset freeze: 'auto' lets the judge decide; 'needs_review' "
+        "waits until every needs_review image has a human decision; 'all' waits for a decision on every image.")
+    evaluate: bool = True
+
+
 class Config(Section):
     """The whole ``flywheel.toml``."""
 
     project: ProjectConfig
     ingest: IngestConfig = IngestConfig()
+    enrich: EnrichConfig = EnrichConfig()
+    train: TrainConfig = TrainConfig()
+    generate: GenerateConfig = GenerateConfig()
+    caption: CaptionConfig = CaptionConfig()
+    judge: JudgeConfig = JudgeConfig()
+    tune_judge: TuneJudgeConfig = TuneJudgeConfig()
+    models: ModelsConfig = ModelsConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    loop: LoopConfig = LoopConfig()
 
 
 def _format_errors(err: ValidationError, data: dict[str, Any], source: str) -> str:

@@ -9,14 +9,17 @@ a config change. ``params()`` returns the resolved settings that are recorded wi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from flywheel.recipes import Recipe
 
 
 @dataclass
 class ChatRequest:
-    """One VLM prompt: images first (in order), then the text. ``answer_prefix`` is forced output."""
+    """One VLM prompt: images first (in order), then the text; ``system`` replaces the default system prompt."""
 
     text: str
     images: list[Image.Image] = field(default_factory=list)
@@ -42,12 +45,18 @@ class VisionLanguageModel(Protocol):
 
 @dataclass
 class EditRequest:
-    """Edit ``image`` following ``prompt``; ``references`` are extra images of the same character."""
+    """Edit ``image`` following ``prompt``; ``references`` are extra images of the same character.
+
+    ``recipe`` is the recipe the prompt came from (``flywheel.recipes``), when there is one: generative
+    editors follow ``prompt`` and may ignore it; the composite editor, which cannot read prompts, uses
+    its ``composite`` spec.
+    """
 
     image: Image.Image
     prompt: str
     seed: int
     references: list[Image.Image] = field(default_factory=list)
+    recipe: Recipe | None = None
 
 
 @runtime_checkable

@@ -1,0 +1,269 @@
+"""``flywheel enrich``: identity-preserving edits of every source image, one per source x recipe x seed.
+
+Every unit of work has a deterministic key, ``enrich:<source sha256>:<recipe id>:<seed>:<editor>`` (editor:
+``composite``, or ``<backend>=<model>`` so switching from the tiny to the real model redoes the edits),
+stored as the UNIQUE ``work_key`` of its operation row. A unit is done when its operation is 'ok' with an
+image (or 'skipped': the editor returned an image already in the catalog). Anything else, including
+the 'running' rows a killed process leaves behind, is redone by reusing that row, so re-running never
+duplicates an edit and a crash never loses one. The image row, its lineage and the operation's 'ok'
+are written in one transaction.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from flywheel.config import EnrichConfig, ModelsConfig
+from flywheel.errors import ConfigError, ModelOutputError, StageError
+from flywheel.images import phash, phash_hex, pixel_sha256
+from flywheel.models.base import EditRequest, ImageEditor
+from flywheel.progress import ProgressFn, no_progress
+from flywheel.project import Project
+from flywheel.recipes import Recipe, load_recipes
+
+log = logging.getLogger(__name__)
+
+STAGE = "enrich"
+# Model family and default preset per generative backend; references only where the pipeline takes them.
+BACKEND_FAMILY = {"qwen-image-edit": "qwen_image_edit", "flux-kontext": "flux_kontext", "instruct-pix2pix": "instruct_pix2pix"}
+BACKEND_PRESET = {"qwen-image-edit": "qwen-image-edit-2511", "flux-kontext": "flux-kontext-dev", "instruct-pix2pix": "instruct-pix2pix"}
+TAKES_REFERENCES = {"qwen-image-edit"}
+
+
+@dataclass(frozen=True)
+class EditUnit:
+    source_id: int
+    source_sha: str
+    recipe: Recipe
+    seed: int
+    work_key: str
+
+
+@dataclass
+class EnrichResult:
+    backend: str
+    planned: int = 0
+    already_done: int = 0
+    made: list[int] = field(default_factory=list)  # new image ids
+    identical: int = 0  # outputs that were already in the catalog (recorded as 'skipped')
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (work_key, error)
+
+    def summary(self) -> str:
+        parts = [f"{len(self.made)} new", f"{self.already_done} already done"]
+        if self.identical:
+            parts.append(f"{self.identical} identical to an existing image")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed (re-run to retry)")
+        return f"enrich ({self.backend}): {self.planned} edits planned; " + ", ".join(parts)
+
+
+def work_key(source_sha: str, recipe_id: str, seed: int, editor_id: str) -> str:
+    return f"{STAGE}:{source_sha}:{recipe_id}:{seed}:{editor_id}"
+
+
+def editor_id(cfg: EnrichConfig, models: ModelsConfig, editor: ImageEditor | None = None) -> str:
+    """Which editor makes the edits, as it goes into work keys: another model means other edits."""
+    if cfg.backend == "composite":
+        return "composite"
+    return f"{cfg.backend}={editor.model_id if editor is not None else editor_spec(cfg, models)}"
+
+
+def plan(project: Project, cfg: EnrichConfig, editor: str | None = None) -> list[EditUnit]:
+    """Every edit this config asks for, in a stable order (source, recipe, seed)."""
+    editor = editor or editor_id(cfg, project.config.models)
+    book = load_recipes(cfg.extra_recipe_files, base=project.root)
+    recipes = book.select(cfg.recipes)
+    sources = project.catalog.query("SELECT id, sha256 FROM images WHERE kind = 'source' ORDER BY id")
+    if not sources:
+        raise StageError("there are no source images to edit", hint="add some first: flywheel ingest PATH...")
+    seeds = range(cfg.seed, cfg.seed + cfg.seeds)
+    return [
+        EditUnit(src["id"], src["sha256"], recipe, seed, work_key(src["sha256"], recipe.id, seed, editor))
+        for src in sources for recipe in recipes for seed in seeds
+    ]
+
+
+def enrich(project: Project, cfg: EnrichConfig | None = None, editor: ImageEditor | None = None,
+           progress: ProgressFn | None = None) -> EnrichResult:
+    """Make every planned edit that is not in the catalog yet. ``editor`` overrides the configured backend's."""
+    cfg = cfg or project.config.enrich
+    progress = progress or no_progress
+    catalog = project.catalog
+    result = EnrichResult(backend=cfg.backend)
+
+    # 1. Plan sources x recipes x seeds up front, so progress can say "12/25 edits".
+    units = plan(project, cfg, editor_id(cfg, project.config.models, editor))
+    result.planned = len(units)
+
+    # 2. Skip what is done: an 'ok' operation with its image, or 'skipped' (identical output).
+    done = _done_keys(project, [u.work_key for u in units])
+    todo = [u for u in units if u.work_key not in done]
+    result.already_done = len(units) - len(todo)
+    progress(result.already_done, result.planned, "edits")
+    if not todo:
+        log.info("enrich: all %d planned edits already exist", result.planned)
+        return result
+
+    # 3. Load the editor once (one big model at a time: it is released before returning).
+    owned = editor is None
+    editor = editor or load_enrich_editor(cfg, project.config.models)
+    n_refs = min(cfg.references, getattr(editor, "max_references", cfg.references))
+    if cfg.backend not in TAKES_REFERENCES:
+        n_refs = 0
+    sources = {r["id"]: r["sha256"] for r in catalog.query("SELECT id, sha256 FROM images WHERE kind = 'source' ORDER BY id")}
+    images: dict[int, Image.Image] = {}
+
+    def load(image_id: int) -> Image.Image:
+        if image_id not in images:
+            images[image_id] = project.store.open_image(sources[image_id])
+        return images[image_id]
+
+    # 4. Run in batches; each unit's operation row is written before the call and finished with its image.
+    try:
+        with catalog.operation(STAGE, kind="stage_run", model=editor.model_id, params={
+            "backend": cfg.backend, "planned": result.planned, "todo": len(todo), "recipes": cfg.recipes,
+            "seeds": cfg.seeds, "batch_size": cfg.batch_size, "references": n_refs,
+        }) as run_id:
+            for start in range(0, len(todo), cfg.batch_size):
+                batch = todo[start:start + cfg.batch_size]
+                refs = {u.work_key: [i for i in sources if i != u.source_id][:n_refs] for u in batch}
+                ops = [_start_unit(project, u, editor, cfg, run_id, refs[u.work_key], len(batch)) for u in batch]
+                requests = [EditRequest(image=load(u.source_id), prompt=u.recipe.full_prompt, seed=u.seed,
+                                        references=[load(i) for i in refs[u.work_key]], recipe=u.recipe) for u in batch]
+                t0 = time.perf_counter()
+                try:
+                    outputs = editor.edit(requests)
+                    if len(outputs) != len(batch):
+                        raise ModelOutputError(f"the editor returned {len(outputs)} images for {len(batch)} requests")
+                except ModelOutputError as err:  # this batch's inputs are unusable: record, go on
+                    _fail(project, ops, t0, err)
+                    result.failed.extend((u.work_key, str(err).split("\n")[0]) for u in batch)
+                    log.warning("enrich: %d edit(s) failed: %s", len(batch), str(err).split("\n")[0])
+                    continue
+                except BaseException as err:  # anything else stops the run; a re-run redoes these units
+                    _fail(project, ops, t0, err)
+                    raise
+                ms = int((time.perf_counter() - t0) * 1000 / len(batch))
+                for unit, op_id, out in zip(batch, ops, outputs):
+                    _record(project, unit, op_id, out, refs[unit.work_key], ms, result)
+                progress(result.already_done + start + len(batch), result.planned, f"edits ({batch[-1].recipe.id})")
+    finally:
+        # 5. Free the model (GPU memory) before the next stage loads its own.
+        if owned:
+            if hasattr(editor, "close"):
+                editor.close()
+            editor = None
+            _free_accelerator_memory()
+    log.info("%s", result.summary())
+    return result
+
+
+def load_enrich_editor(cfg: EnrichConfig, models: ModelsConfig) -> ImageEditor:
+    """The composite editor, or [models] editor for a generative backend (checked against the backend)."""
+    if cfg.backend == "composite":
+        from flywheel.models.composite import CompositeEditor
+
+        return CompositeEditor()
+    from flywheel.models import load_editor
+
+    return load_editor(editor_spec(cfg, models), models)
+
+
+def editor_spec(cfg: EnrichConfig, models: ModelsConfig) -> str:
+    """[models] editor for a generative backend, or the backend's default when none was chosen."""
+    from flywheel.models.presets import get_preset
+
+    spec = models.editor
+    preset = get_preset(spec, role="editor")
+    if preset is not None and preset.family != BACKEND_FAMILY[cfg.backend]:
+        if spec != ModelsConfig.model_fields["editor"].default:
+            raise ConfigError(
+                f"[enrich] backend = '{cfg.backend}', but [models] editor = '{spec}' is a {preset.family} model",
+                hint=f"set [models] editor to a {cfg.backend} model (e.g. '{BACKEND_PRESET[cfg.backend]}'; "
+                "`flywheel models list`), or change [enrich] backend",
+            )
+        spec = BACKEND_PRESET[cfg.backend]  # the default editor was never chosen: use the backend's default
+    return spec
+
+
+def _free_accelerator_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")  # only if a model loaded it: the composite path never imports torch
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _done_keys(project: Project, keys: list[str]) -> set[str]:
+    done: set[str] = set()
+    for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
+        chunk = keys[i:i + 500]
+        rows = project.catalog.query(
+            f"SELECT o.work_key FROM operations o WHERE o.work_key IN ({','.join('?' * len(chunk))}) AND "
+            "(o.status = 'skipped' OR (o.status = 'ok' AND EXISTS (SELECT 1 FROM images i WHERE i.operation_id = o.id)))",
+            tuple(chunk),
+        )
+        done.update(r[0] for r in rows)
+    return done
+
+
+def _start_unit(project: Project, unit: EditUnit, editor: ImageEditor, cfg: EnrichConfig, run_id: int,
+                refs: list[int], batch_size: int) -> int:
+    """The unit's operation row, status 'running': a new row, or the one a failed or killed attempt left."""
+    params: dict[str, Any] = {
+        "prompt": unit.recipe.full_prompt, "recipe": unit.recipe.id, "axis": unit.recipe.axis,
+        "backend": cfg.backend, "source_image_id": unit.source_id, "reference_image_ids": refs,
+        "batch_size": batch_size, "editor": editor.params(),
+    }
+    if unit.recipe.caption:  # read by template captions (flywheel.caption)
+        params["caption"] = unit.recipe.caption
+    if cfg.backend == "composite":  # the composite editor follows the spec, not the prompt: record it
+        params["composite"] = unit.recipe.composite.model_dump(mode="json")
+    catalog = project.catalog
+    with catalog.transaction():
+        row = catalog.query("SELECT id, status FROM operations WHERE work_key = ?", (unit.work_key,))
+        if not row:
+            return catalog.start_operation(STAGE, model=editor.model_id, params=params, seed=unit.seed,
+                                           parent_id=run_id, work_key=unit.work_key)
+        log.info("enrich: redoing %s (previous attempt: %s)", unit.work_key, row[0]["status"])
+        catalog.execute(
+            "UPDATE operations SET status = 'running', model = ?, params_json = ?, seed = ?, parent_id = ?, error = NULL, "
+            "duration_ms = NULL, started_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+            (editor.model_id, json.dumps(params, sort_keys=True, default=str), unit.seed, run_id, row[0]["id"]),
+        )
+        return int(row[0]["id"])
+
+
+def _fail(project: Project, ops: list[int], t0: float, err: BaseException) -> None:
+    ms = int((time.perf_counter() - t0) * 1000)
+    for op_id in ops:
+        project.catalog.finish_operation(op_id, "failed", ms, f"{type(err).__name__}: {err}")
+
+
+def _record(project: Project, unit: EditUnit, op_id: int, out: Image.Image, refs: list[int], ms: int,
+            result: EnrichResult) -> None:
+    image = out.convert("RGB")
+    sha, _ = project.store.put_image(image)  # file first: an orphan file is harmless, a dangling row is not
+    catalog = project.catalog
+    with catalog.transaction():
+        same = catalog.query("SELECT id FROM images WHERE sha256 = ?", (sha,))
+        if same:
+            catalog.finish_operation(op_id, "skipped", ms, f"output identical to image {same[0]['id']}")
+            result.identical += 1
+            return
+        image_id = catalog.insert("images", {
+            "sha256": sha, "pixel_sha256": pixel_sha256(image), "phash": phash_hex(phash(image)),
+            "width": image.width, "height": image.height, "kind": "enriched", "round": 0, "operation_id": op_id,
+        })
+        catalog.insert("image_parents", {"image_id": image_id, "parent_id": unit.source_id, "role": "source"})
+        for ref in refs:
+            catalog.insert("image_parents", {"image_id": image_id, "parent_id": ref, "role": "reference"})
+        catalog.finish_operation(op_id, "ok", ms)
+    result.made.append(image_id)

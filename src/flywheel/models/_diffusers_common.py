@@ -1,0 +1,82 @@
+"""Loading helpers shared by the diffusers editor adapters (Qwen-Image-Edit, InstructPix2Pix)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from flywheel.errors import ConfigError, MissingExtraError, ModelLoadError
+from flywheel.models.hub import check_gpu_memory, count_parameters, estimate_bytes
+
+log = logging.getLogger(__name__)
+
+
+def load_pipeline(cls, folder: Path, *, label: str, device: str, dtype: str | None, cpu_offload: bool,
+                  quantization: str, vae_tiling: bool | None = None, quantize: tuple[str, ...] = ("transformer",),
+                  **kwargs: Any):
+    """``cls.from_pretrained`` with safetensors only, the right dtype, optional bitsandbytes and offload.
+
+    ``vae_tiling`` (default: on with ``cpu_offload``) bounds VAE memory on large images; it is slower,
+    so it is off when memory is not the constraint.
+    """
+    import torch
+
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    if quantization != "none":
+        if device != "cuda":
+            raise ConfigError(f"quantization = {quantization!r} needs a CUDA GPU; this run is on {device}",
+                              hint='set quantization = "none" in [models], or run on a GPU')
+        kwargs["quantization_config"] = _pipeline_quantization(quantization, torch_dtype, quantize)
+    if device == "cuda" and not cpu_offload:
+        n_params, _ = count_parameters(folder)
+        precision = quantization if quantization != "none" else str(torch_dtype).removeprefix("torch.")
+        check_gpu_memory(label, estimate_bytes(n_params, precision), torch.cuda.mem_get_info()[0],
+                         precision=precision, n_params=n_params)
+    try:
+        pipe = cls.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"cannot load {label} as {cls.__name__} from {folder}: {err}",
+                             hint="check that the folder is a complete diffusers download (model_index.json, "
+                             "one subfolder per component, *.safetensors)") from None
+    if cpu_offload and device == "cuda":
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+    if (cpu_offload if vae_tiling is None else vae_tiling) and hasattr(pipe.vae, "enable_tiling"):
+        pipe.vae.enable_tiling()
+    pipe.set_progress_bar_config(disable=True)
+    log.info("loaded %s (%s) on %s, %s, offload=%s, quantization=%s", label, cls.__name__, device, torch_dtype,
+             cpu_offload, quantization)
+    return pipe, torch_dtype
+
+
+def _pipeline_quantization(quantization: str, compute_dtype, components: tuple[str, ...]):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("bitsandbytes", "gpu", f"{quantization} quantization") from None
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    if quantization == "nf4":
+        backend, kw = "bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                            "bnb_4bit_compute_dtype": compute_dtype}
+    elif quantization == "int8":
+        backend, kw = "bitsandbytes_8bit", {"load_in_8bit": True}
+    else:
+        raise ConfigError(f"unknown quantization {quantization!r}", hint="use none, nf4 or int8")
+    return PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kw, components_to_quantize=list(components))
+
+
+def output_size(width: int, height: int, max_area: int, multiple: int = 32) -> tuple[int, int]:
+    """Keep the source's aspect ratio at about ``max_area`` pixels, sides rounded to ``multiple``."""
+    ratio = width / height
+    w = math.sqrt(max_area * ratio)
+    return max(multiple, round(w / multiple) * multiple), max(multiple, round(w / ratio / multiple) * multiple)
+
+
+def generator(seed: int, device: str):
+    import torch
+
+    return torch.Generator(device="cpu" if device != "cuda" else "cuda").manual_seed(seed)

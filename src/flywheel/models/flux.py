@@ -1,0 +1,229 @@
+"""FLUX.1 family: text-to-image (FLUX.1-dev / schnell + LoRA) and FLUX.1 Kontext editing, via diffusers.
+
+Both adapters load one diffusers folder (or hub id) with ``use_safetensors=True`` and draw each image's
+starting noise from its own ``torch.Generator`` seeded with the request's seed, so an image depends on its
+seed and not on which batch it landed in. ``params()`` is what the catalog records with every call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from flywheel.errors import MissingExtraError, ModelLoadError, ModelNotFoundError
+from flywheel.models.base import EditRequest, TextToImageRequest
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "fp8", "int8", "nf4")
+T2I_DEFAULTS: dict[str, Any] = {"num_inference_steps": 28, "guidance_scale": 3.5, "max_sequence_length": 512}
+KONTEXT_DEFAULTS: dict[str, Any] = {
+    "num_inference_steps": 28, "guidance_scale": 2.5, "max_sequence_length": 512, "auto_resize": True,
+}
+
+
+def _resolve(path_or_id: str | Path) -> str:
+    """A local folder as is; anything else goes through the hub resolver (which explains missing weights)."""
+    text = str(path_or_id)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"{local} is not a diffusers pipeline folder (no model_index.json)",
+                hint="point to the folder that holds model_index.json, transformer/, vae/, ...",
+            )
+        return str(local)
+    try:
+        from flywheel.models.hub import resolve_model  # written by the model-layer helper
+    except ImportError:
+        resolve_model = None
+    if resolve_model is not None:
+        return str(resolve_model(text))
+    if text.startswith((".", "/", "~")) or local.suffix:
+        raise ModelNotFoundError(f"model folder not found: {local}", hint="check the path in flywheel.toml")
+    return text  # a hub id: diffusers resolves it from the local HF cache (offline) or the Hub
+
+
+def _device_dtype(device: str | None, dtype: Any) -> tuple[str, Any]:
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:  # bf16 is what FLUX was trained in; CPUs are faster and exact in fp32
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return device, dtype
+
+
+def _quantization_config(quantization: str, dtype: Any):
+    """diffusers' PipelineQuantizationConfig for int8 / nf4 (bitsandbytes), applied to the transformer only."""
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"unknown quantization {quantization!r}", hint=f"use one of {', '.join(QUANTIZATIONS)}")
+    if quantization in ("none", "fp8"):
+        return None  # fp8 is layerwise casting, applied after loading
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("bitsandbytes", "gpu", f"{quantization} quantization of FLUX") from None
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    if quantization == "nf4":
+        kwargs = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
+    else:
+        kwargs = {"load_in_8bit": True}
+    return PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit" if quantization == "nf4" else "bitsandbytes_8bit",
+                                      quant_kwargs=kwargs, components_to_quantize=["transformer"])
+
+
+def _load_pipeline(cls, path_or_id, *, dtype, device, cpu_offload, quantization):
+    import torch
+
+    source = _resolve(path_or_id)
+    device, dtype = _device_dtype(device, dtype)
+    try:
+        pipe = cls.from_pretrained(
+            source, dtype=dtype, use_safetensors=True, quantization_config=_quantization_config(quantization, dtype),
+        )
+    except OSError as err:
+        raise ModelNotFoundError(
+            f"cannot load FLUX weights from {source}: {err}",
+            hint="download them first (huggingface-cli download ...), or point the config to a local folder",
+        ) from err
+    if quantization == "fp8":  # weights stored in fp8, each layer cast up to `dtype` when it runs
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, source, device, dtype
+
+
+def _generators(seeds: list[int], device: str) -> list:
+    import torch
+
+    gen_device = "cpu" if device.startswith("cpu") else device
+    return [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
+
+
+class _FluxBase:
+    """LoRA handling shared by both FLUX pipelines (their diffusers LoRA mixin is the same)."""
+
+    def __init__(self, pipe, model_id: str, *, device: str, dtype: Any, cpu_offload: bool, quantization: str,
+                 defaults: dict[str, Any]):
+        self.pipe = pipe
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        self.cpu_offload = cpu_offload
+        self.quantization = quantization
+        self.defaults = defaults
+        self.loras: list[dict[str, Any]] = []
+
+    def load_lora(self, path: str, *, name: str, scale: float = 1.0) -> None:
+        """Load a LoRA (.safetensors file, or a folder holding pytorch_lora_weights.safetensors) and activate it."""
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise ModelNotFoundError(f"LoRA weights not found: {p}", hint="check the path, or run `flywheel train` first")
+        kwargs = {"weight_name": p.name} if p.is_file() else {}
+        if p.is_file() and p.suffix != ".safetensors":
+            raise ModelLoadError(f"{p} is not a .safetensors file", hint="Flywheel only loads safetensors LoRAs")
+        try:
+            self.pipe.load_lora_weights(str(p.parent if p.is_file() else p), adapter_name=name, use_safetensors=True,
+                                        **kwargs)
+        except (ValueError, KeyError, OSError) as err:
+            raise ModelLoadError(f"cannot load LoRA {p} into {self.model_id}: {err}",
+                                 hint="is it a FLUX.1 LoRA (diffusers or kohya keys) trained on this base?") from err
+        self.loras.append({"name": name, "path": str(p), "scale": float(scale)})
+        self.pipe.set_adapters([lo["name"] for lo in self.loras], [lo["scale"] for lo in self.loras])
+
+    def unload_lora(self) -> None:
+        """Remove every loaded LoRA; the base weights are exactly as loaded again (unless fused)."""
+        self.pipe.unload_lora_weights()
+        self.loras = []
+
+    def fuse_lora(self) -> None:
+        """Merge the active LoRAs into the base weights (faster inference; unload_lora can no longer undo it)."""
+        self.pipe.fuse_lora(adapter_names=[lo["name"] for lo in self.loras])
+        for lo in self.loras:
+            lo["fused"] = True
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "model": self.model_id, "family": "flux", "dtype": str(self.dtype).replace("torch.", ""),
+            "device": self.device, "cpu_offload": self.cpu_offload, "quantization": self.quantization,
+            **self.defaults, "loras": [dict(lo) for lo in self.loras],
+        }
+
+
+class FluxTextToImage(_FluxBase):
+    """FLUX.1-dev / schnell text-to-image with optional LoRAs (TextToImage protocol)."""
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, *, dtype=None, device: str | None = None, cpu_offload: bool = False,
+                        quantization: str = "none", **defaults: Any) -> FluxTextToImage:
+        from diffusers import FluxPipeline
+
+        pipe, source, device, dtype = _load_pipeline(FluxPipeline, path_or_id, dtype=dtype, device=device,
+                                                     cpu_offload=cpu_offload, quantization=quantization)
+        return cls(pipe, source, device=device, dtype=dtype, cpu_offload=cpu_offload, quantization=quantization,
+                   defaults={**T2I_DEFAULTS, **defaults})
+
+    def generate(self, requests: list[TextToImageRequest], *, batch_size: int = 4) -> list[Image.Image]:
+        """One image per request, same order. Requests of the same size run together, ``batch_size`` at a time."""
+        out: list[Image.Image | None] = [None] * len(requests)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            groups[(r.width, r.height)].append(i)
+        for (width, height), idx in groups.items():
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size]
+                images = self.pipe(
+                    prompt=[requests[i].prompt for i in chunk], width=width, height=height,
+                    generator=_generators([requests[i].seed for i in chunk], self.device), **self.defaults,
+                ).images
+                for i, im in zip(chunk, images):
+                    out[i] = im
+        return out  # type: ignore[return-value]
+
+
+class FluxKontextEditor(_FluxBase):
+    """FLUX.1 Kontext [dev] instruction editing (ImageEditor protocol). Kontext takes one image per edit."""
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, *, dtype=None, device: str | None = None, cpu_offload: bool = False,
+                        quantization: str = "none", **defaults: Any) -> FluxKontextEditor:
+        from diffusers import FluxKontextPipeline
+
+        pipe, source, device, dtype = _load_pipeline(FluxKontextPipeline, path_or_id, dtype=dtype, device=device,
+                                                     cpu_offload=cpu_offload, quantization=quantization)
+        return cls(pipe, source, device=device, dtype=dtype, cpu_offload=cpu_offload, quantization=quantization,
+                   defaults={**KONTEXT_DEFAULTS, **defaults})
+
+    def edit(self, requests: list[EditRequest], *, batch_size: int = 2) -> list[Image.Image]:
+        """One output per request, same order. With ``auto_resize`` off the output keeps the input's size
+        (rounded down to a multiple of 16); with it on, Kontext snaps to its preferred ~1 MP resolutions."""
+        opts = dict(self.defaults)
+        auto_resize = bool(opts.pop("auto_resize", True))
+        if any(r.references for r in requests):
+            log.debug("FLUX.1 Kontext takes one image per edit; extra reference images are not used")
+        out: list[Image.Image | None] = [None] * len(requests)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            groups[(r.image.width // 16 * 16, r.image.height // 16 * 16)].append(i)
+        for (width, height), idx in groups.items():
+            size = {} if auto_resize else {"width": width, "height": height, "max_area": width * height}
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size]
+                images = self.pipe(
+                    image=[requests[i].image.convert("RGB") for i in chunk], prompt=[requests[i].prompt for i in chunk],
+                    generator=_generators([requests[i].seed for i in chunk], self.device),
+                    _auto_resize=auto_resize, **size, **opts,
+                ).images
+                for i, im in zip(chunk, images):
+                    out[i] = im
+        return out  # type: ignore[return-value]

@@ -1,0 +1,98 @@
+"""Named model presets: what ``captioner = "qwen2-vl-2b"`` in flywheel.toml means.
+
+A preset maps a short name to a hub id, a family (which adapter loads it), the dtype it runs in on a GPU,
+its default generation settings and roughly how much GPU memory it needs. Anywhere a preset name is
+accepted, a local folder (or another hub id) works too; its family is then read from the folder.
+The ``tiny*`` presets build tiny random models of the same architectures (``flywheel.testing.tiny``)
+into a cache folder and load them through the same code as real weights: for CPU tests and demos.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["vlm", "editor", "text_to_image"]
+Family = Literal["qwen_vl", "qwen_image_edit", "instruct_pix2pix", "flux", "flux_kontext"]
+
+ROLE_OF_FAMILY: dict[str, Role] = {
+    "qwen_vl": "vlm", "qwen_image_edit": "editor", "instruct_pix2pix": "editor", "flux_kontext": "editor",
+    "flux": "text_to_image",
+}
+# Bumped whenever a tiny builder changes, so stale cached tiny folders are rebuilt, not reused.
+TINY_VERSION = "v1"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: Family
+    hub_id: str | None  # None for tiny presets (built locally)
+    dtype: str = "bfloat16"  # on GPU; every family runs float32 on CPU
+    settings: dict[str, Any] = field(default_factory=dict)  # passed to the adapter's from_pretrained
+    vram_gib: float = 0.0  # approximate, bf16, weights + a batch of 8 (qwen2-vl-2b: measured, docs/models.md)
+    vram_gib_nf4: float | None = None
+    tiny: tuple[str, str, dict[str, Any]] | None = None  # (module, builder function, kwargs)
+    note: str = ""
+
+    @property
+    def role(self) -> Role:
+        return ROLE_OF_FAMILY[self.family]
+
+
+_VLM = {"max_pixels": 1024 * 1024}
+_TINY_VLM = ("flywheel.testing.tiny.vlm", "build_tiny_qwen2_vl")
+_TINY_FLUX = {"num_inference_steps": 2, "max_sequence_length": 32}
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("qwen2-vl-2b", "qwen_vl", "Qwen/Qwen2-VL-2B-Instruct", settings=_VLM, vram_gib=6.1, vram_gib_nf4=3.4,
+           note="default captioner and judge"),
+    Preset("qwen2-vl-7b", "qwen_vl", "Qwen/Qwen2-VL-7B-Instruct", settings=_VLM, vram_gib=17.5, vram_gib_nf4=6.5),
+    Preset("qwen2.5-vl-3b", "qwen_vl", "Qwen/Qwen2.5-VL-3B-Instruct", settings=_VLM, vram_gib=8.5, vram_gib_nf4=3.5),
+    Preset("qwen2.5-vl-7b", "qwen_vl", "Qwen/Qwen2.5-VL-7B-Instruct", settings=_VLM, vram_gib=17.5, vram_gib_nf4=6.5),
+    Preset("qwen3-vl-8b", "qwen_vl", "Qwen/Qwen3-VL-8B-Instruct", settings=_VLM, vram_gib=19.0, vram_gib_nf4=7.0,
+           note="needs transformers>=4.57"),
+    Preset("flux-dev", "flux", "black-forest-labs/FLUX.1-dev", vram_gib=33.0,
+           settings={"num_inference_steps": 28, "guidance_scale": 3.5}, note="gated: accept the licence on the hub"),
+    Preset("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell", vram_gib=33.0,
+           settings={"num_inference_steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256}),
+    Preset("flux-kontext-dev", "flux_kontext", "black-forest-labs/FLUX.1-Kontext-dev", vram_gib=34.0,
+           settings={"num_inference_steps": 28, "guidance_scale": 2.5}, note="gated: accept the licence on the hub"),
+    Preset("qwen-image-edit", "qwen_image_edit", "Qwen/Qwen-Image-Edit", vram_gib=58.0,
+           settings={"num_inference_steps": 40, "true_cfg_scale": 4.0}),
+    Preset("qwen-image-edit-2511", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=58.0,
+           settings={"num_inference_steps": 40, "true_cfg_scale": 4.0}, note="default editor; several references"),
+    Preset("instruct-pix2pix", "instruct_pix2pix", "timbrooks/instruct-pix2pix", vram_gib=3.5,
+           settings={"num_inference_steps": 20, "guidance_scale": 7.5, "image_guidance_scale": 1.5}),
+    # Tiny random models: same architectures, CPU-sized. Settings keep them fast (64 px, 2 steps).
+    Preset("tiny-qwen2-vl", "qwen_vl", None, dtype="float32", settings={"max_pixels": 112 * 112},
+           tiny=(*_TINY_VLM, {"variant": "qwen2_vl"}), note="random weights, for tests"),
+    Preset("tiny-qwen2.5-vl", "qwen_vl", None, dtype="float32", settings={"max_pixels": 112 * 112},
+           tiny=(*_TINY_VLM, {"variant": "qwen2_5_vl"}), note="random weights, for tests"),
+    Preset("tiny-qwen-image-edit", "qwen_image_edit", None, dtype="float32",
+           settings={"num_inference_steps": 2, "true_cfg_scale": 1.0, "max_area": 64 * 64},
+           tiny=("flywheel.testing.tiny.qwen_image", "build_tiny_qwen_image_edit", {}), note="random weights, for tests"),
+    Preset("tiny-instruct-pix2pix", "instruct_pix2pix", None, dtype="float32",
+           settings={"num_inference_steps": 2, "max_area": 64 * 64},
+           tiny=("flywheel.testing.tiny.pix2pix", "build_tiny_pix2pix", {}), note="random weights, for tests"),
+    Preset("tiny-flux", "flux", None, dtype="float32", settings=_TINY_FLUX,
+           tiny=("flywheel.testing.tiny.flux", "build_tiny_flux", {}), note="random weights, for tests"),
+    Preset("tiny-flux-kontext", "flux_kontext", None, dtype="float32", settings={**_TINY_FLUX, "auto_resize": False},
+           tiny=("flywheel.testing.tiny.flux", "build_tiny_flux", {}), note="random weights, for tests"),
+]}
+
+# "tiny" means the tiny model of the default family for whichever role asks for it.
+TINY_FOR_ROLE: dict[Role, str] = {"vlm": "tiny-qwen2-vl", "editor": "tiny-qwen-image-edit", "text_to_image": "tiny-flux"}
+
+
+def get_preset(name: str, role: Role | None = None) -> Preset | None:
+    """The preset called ``name`` (``"tiny"`` resolved for ``role``), or None if it is not a preset name."""
+    if name == "tiny":
+        return PRESETS[TINY_FOR_ROLE[role or "vlm"]]
+    return PRESETS.get(name)
+
+
+def suggest(name: str) -> str | None:
+    close = difflib.get_close_matches(name, [*PRESETS, "tiny"], n=1, cutoff=0.6)
+    return close[0] if close else None

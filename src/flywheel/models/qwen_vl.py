@@ -1,0 +1,227 @@
+"""Qwen-VL family adapter (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the captioner and the judge.
+
+Loaded through ``AutoModelForImageTextToText`` / ``AutoProcessor`` so every Qwen-VL generation the
+installed transformers knows works without a per-version class. Requests run in batches with left
+padding (every prompt ends where generation starts), images are downscaled to a pixel budget first
+(vision tokens grow with pixels: ~1 token per 28x28), and ``option_probabilities`` reads the first
+answer token's distribution so the judge gets calibrated yes/no scores, not only text.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from flywheel.errors import ConfigError, MissingExtraError, ModelLoadError
+from flywheel.models.base import ChatRequest
+from flywheel.models.hub import check_gpu_memory, count_parameters, estimate_bytes, pick_device, read_json
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+
+def quantization_config(quantization: str, compute_dtype: Any):
+    """BitsAndBytesConfig for "nf4"/"int8" (transformers 5 dropped the bare ``load_in_4bit=True`` kwarg)."""
+    if quantization == "none":
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {quantization!r}", hint=f"use one of {', '.join(QUANTIZATIONS)}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("bitsandbytes", "gpu", f"{quantization} quantization") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def fit_pixels(image: Image.Image, max_pixels: int, multiple: int = 28) -> Image.Image:
+    """Downscale (never upscale) to at most ``max_pixels``, keeping the aspect ratio; RGB.
+
+    Sides are floored to ``multiple`` (patch x merge size) so the processor's own rounding cannot push
+    the image back over the budget.
+    """
+    image = image.convert("RGB")
+    w, h = image.size
+    if w * h <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (w * h))
+    size = (max(multiple, int(w * scale) // multiple * multiple), max(multiple, int(h * scale) // multiple * multiple))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+class QwenVLModel:
+    """VisionLanguageModel for the Qwen-VL family."""
+
+    def __init__(self, model, processor, *, model_id: str, device: str, max_pixels: int, batch_size: int = 8,
+                 quantization: str = "none", generation: dict[str, Any] | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.processor.tokenizer.padding_side = "left"  # batched generation: all prompts end at the same column
+        self.model_id = model_id
+        self.device = device
+        self.max_pixels = max_pixels
+        self.batch_size = batch_size
+        self.quantization = quantization
+        # Extra ``generate`` kwargs (do_sample/temperature/top_p, repetition_penalty, min_new_tokens...).
+        self.generation = dict(generation or {})
+        self.adapter: str | None = None  # a judge LoRA from `flywheel tune-judge`, once loaded
+        ip = processor.image_processor
+        self.pixel_multiple = getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, model_id: str | None = None, device: str = "auto",
+                        quantization: str = "none", dtype: str | None = None, max_pixels: int = 1024 * 1024,
+                        batch_size: int = 8, trust_remote_code: bool = False, attn_implementation: str | None = None,
+                        generation: dict[str, Any] | None = None) -> QwenVLModel:
+        """Load a local HF folder (use ``flywheel.models.load_vlm`` for presets and hub ids)."""
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        folder = Path(path)
+        label = model_id or str(folder)
+        device = pick_device(device)
+        if quantization != "none" and device != "cuda":
+            raise ConfigError(f"quantization = {quantization!r} needs a CUDA GPU (bitsandbytes); this run is on {device}",
+                              hint='set quantization = "none" in [models], or run on a GPU')
+        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+        quant = quantization_config(quantization, torch_dtype)
+        config = read_json(folder / "config.json")
+        if "vision_config" not in config:
+            raise ModelLoadError(f"{label} is a {config.get('model_type', 'unknown')!r} model, not a vision-language model",
+                                 hint="captioner and judge need a Qwen-VL model, e.g. the qwen2-vl-2b preset")
+        if device == "cuda":
+            n_params, _ = count_parameters(folder)
+            precision = quantization if quantization != "none" else str(torch_dtype).removeprefix("torch.")
+            check_gpu_memory(label, estimate_bytes(n_params, precision), torch.cuda.mem_get_info()[0],
+                             precision=precision, n_params=n_params)
+        kwargs: dict[str, Any] = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+        if device == "cuda":
+            kwargs["device_map"] = "cuda"
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
+            processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelLoadError(f"cannot load {label} as a Qwen-VL model from {folder}: {err}",
+                                 hint="check that the folder is a complete Qwen-VL download (config, tokenizer, "
+                                 "preprocessor and *.safetensors files)") from None
+        log.info("loaded %s on %s (%s, quantization=%s)", label, device, torch_dtype, quantization)
+        return cls(model, processor, model_id=label, device=device, max_pixels=max_pixels, batch_size=batch_size,
+                   quantization=quantization, generation=generation)
+
+    # -- VisionLanguageModel ---------------------------------------------------------------------------------
+    def generate(self, requests: list[ChatRequest], *, max_new_tokens: int = 128, seed: int | None = None) -> list[str]:
+        """Batched chat generation, ``batch_size`` requests per call; greedy unless ``generation`` samples."""
+        import torch
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        tok = self.processor.tokenizer
+        gen = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, do_sample=False)
+        gen.update(self.generation)
+        out: list[str] = []
+        for start in range(0, len(requests), self.batch_size):
+            inputs = self._inputs(requests[start:start + self.batch_size])
+            with torch.inference_mode():
+                ids = self.model.generate(**inputs, **gen)
+            new = ids[:, inputs["input_ids"].shape[1]:]  # left padding: every answer starts at the same column
+            out.extend(t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True))
+        return out
+
+    def option_probabilities(self, requests: list[ChatRequest], options: list[str]) -> list[dict[str, float]]:
+        """P(first answer token starts each option), renormalised over ``options``.
+
+        Each option counts its own first token and, when it is a single token, its capitalised form too
+        ("yes" also counts "Yes"), because instruction-tuned models often capitalise a one-word answer.
+        """
+        import torch
+
+        token_sets = self._option_tokens(options)
+        results: list[dict[str, float]] = []
+        for start in range(0, len(requests), self.batch_size):
+            inputs = self._inputs(requests[start:start + self.batch_size])
+            with torch.inference_mode():
+                logits = self.model(**inputs).logits[:, -1, :].float()  # left padding: last column = next token
+            probs = torch.softmax(logits, dim=-1)
+            for row in probs:
+                mass = [float(row[list(ids)].sum()) for ids in token_sets]
+                total = sum(mass)
+                if total <= 0:  # underflow only; keep the contract (a distribution over options)
+                    results.append({o: 1.0 / len(options) for o in options})
+                    continue
+                results.append({o: m / total for o, m in zip(options, mass)})
+                log.debug("option mass %.3f of the first token went to %s", total, options)
+        return results
+
+    def params(self) -> dict[str, Any]:
+        return {"model": self.model_id, "family": "qwen_vl", "device": self.device, "dtype": str(self.model.dtype),
+                "quantization": self.quantization, "max_pixels": self.max_pixels, "batch_size": self.batch_size,
+                "generation": self.generation or "greedy", "adapter": self.adapter}
+
+    def load_adapter(self, path: str | Path, *, adapter_id: str) -> None:
+        """Put a LoRA adapter (a peft folder with ``adapter_model.safetensors``) on the model, for inference.
+
+        ``model_id`` becomes ``<base>+<adapter_id>``, so every score and operation names the tuned judge.
+        """
+        from peft import PeftModel
+
+        folder = Path(path)
+        if self.adapter is not None:
+            raise ConfigError(f"{self.model_id} already has the adapter {self.adapter}",
+                              hint="load the base model again to use another adapter")
+        if not (folder / "adapter_model.safetensors").is_file():  # peft would fall back to a pickle
+            raise ModelLoadError(f"{folder} holds no adapter_model.safetensors",
+                                 hint="point at a folder written by `flywheel tune-judge` (safetensors only)")
+        self.model = PeftModel.from_pretrained(self.model, str(folder), is_trainable=False).eval()
+        self.adapter = adapter_id
+        self.model_id = f"{self.model_id}+{adapter_id}"
+        log.info("judge adapter %s loaded from %s", adapter_id, folder)
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _inputs(self, requests: list[ChatRequest]):
+        texts, images = [], []
+        for r in requests:
+            messages = [{"role": "system", "content": [{"type": "text", "text": r.system}]}] if r.system else []
+            content = [{"type": "image"} for _ in r.images] + [{"type": "text", "text": r.text}]
+            messages.append({"role": "user", "content": content})
+            texts.append(self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            images.extend(fit_pixels(im, self.max_pixels, self.pixel_multiple) for im in r.images)
+        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        return inputs.to(self.model.device)
+
+    def _option_tokens(self, options: list[str]) -> list[set[int]]:
+        if len(options) < 2 or len(set(options)) != len(options):
+            raise ConfigError(f"option_probabilities needs at least two different options, got {options!r}",
+                              hint='e.g. options=["yes", "no"]')
+        tok = self.processor.tokenizer
+        sets: list[set[int]] = []
+        for option in options:
+            ids = tok.encode(option, add_special_tokens=False)
+            if not ids:
+                raise ConfigError(f"option {option!r} encodes to no tokens", hint="use a non-empty word")
+            chosen = {ids[0]}
+            cap = tok.encode(option.capitalize(), add_special_tokens=False)
+            if len(ids) == 1 and len(cap) == 1:
+                chosen.add(cap[0])
+            sets.append(chosen)
+        for i, a in enumerate(sets):
+            for j in range(i + 1, len(sets)):
+                if a & sets[j]:
+                    raise ConfigError(
+                        f"options {options[i]!r} and {options[j]!r} start with the same token, so the first answer "
+                        "token cannot tell them apart",
+                        hint="use options that start with different words, e.g. yes/no or A/B",
+                    )
+        return sets

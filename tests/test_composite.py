@@ -1,0 +1,131 @@
+"""The composite (CPU) editor on a real photo: real person segmentation, real face identity checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from flywheel.errors import ModelOutputError, StageError
+from flywheel.models.base import EditRequest, ImageEditor
+from flywheel.recipes import load_recipes
+from flywheel.signals import faces
+
+pytest.importorskip("mediapipe")
+
+SIZE = 384
+
+
+@pytest.fixture(scope="module")
+def editor():
+    from flywheel.models.composite import CompositeEditor
+
+    ed = CompositeEditor()
+    yield ed
+    ed.close()
+
+
+@pytest.fixture(scope="module")
+def book():
+    return load_recipes()
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.astronaut()).resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+
+
+@pytest.fixture(scope="module")
+def outputs(editor, book, astronaut) -> dict[str, Image.Image]:
+    """Every shipped recipe applied once (seed 0); shared by the tests below."""
+    return {rid: editor.edit([EditRequest(astronaut, r.full_prompt, seed=0, recipe=r)])[0] for rid, r in book.recipes.items()}
+
+
+def arr(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float32) / 255
+
+
+def test_is_an_image_editor(editor):
+    assert isinstance(editor, ImageEditor)
+    assert editor.params()["backend"] == "composite"
+
+
+def test_every_shipped_recipe_runs_and_changes_the_image(outputs, astronaut):
+    for rid, out in outputs.items():
+        assert out.size == astronaut.size and out.mode == "RGB", rid
+        assert np.abs(arr(out) - arr(astronaut)).mean() > 0.01, f"{rid} left the image unchanged"
+
+
+@pytest.mark.parametrize("rid", ["forest", "city_night", "beach", "snowy_mountain", "studio", "desert"])
+def test_background_changes_the_background_and_keeps_the_subject(editor, outputs, astronaut, rid):
+    src_mask = editor.subject_mask(arr(astronaut)) > 0.5
+    mask_img = Image.fromarray(src_mask.astype(np.uint8) * 255)
+    inner = np.asarray(mask_img.filter(ImageFilter.MinFilter(9))) > 0  # away from the feathered edge
+    outer = np.asarray(mask_img.filter(ImageFilter.MaxFilter(9))) == 0
+    diff = np.abs(arr(outputs[rid]) - arr(astronaut)).mean(-1)
+    assert diff[inner].mean() < 0.08, "subject pixels should only be gently harmonised"
+    assert diff[outer].mean() > 2.5 * diff[inner].mean(), "the background should change far more than the subject"
+    out_mask = editor.subject_mask(arr(outputs[rid])) > 0.5
+    iou = (src_mask & out_mask).sum() / (src_mask | out_mask).sum()
+    assert iou > 0.85, f"the person should still be found in the same place (IoU {iou:.2f})"
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(editor, book, astronaut):
+    for rid in ["beach", "sunset", "anime", "left_view"]:
+        recipe = book.recipes[rid]
+        a, b, c = (editor.edit([EditRequest(astronaut, recipe.full_prompt, seed=s, recipe=recipe)])[0] for s in (3, 3, 4))
+        assert a.tobytes() == b.tobytes(), rid
+        assert a.tobytes() != c.tobytes(), rid
+
+
+@pytest.mark.skipif(not faces.available(), reason="needs the face extra (dlib)")
+def test_identity_survives_background_lighting_and_style_edits(outputs, book, astronaut):
+    def embedding(image):
+        boxes = faces.detect_faces(image)
+        assert boxes, "no face found"
+        return faces.embed_faces(image, boxes[:1])[0]
+
+    ref = embedding(astronaut)
+    for rid, recipe in book.recipes.items():
+        if recipe.axis == "camera":
+            continue
+        dist = faces.face_distance(ref, embedding(outputs[rid]))
+        assert dist < faces.SAME_PERSON_DISTANCE, f"{rid}: face distance {dist:.2f}"
+
+
+def test_close_up_frames_the_face(outputs, astronaut, editor):
+    before, after = editor._largest_face(arr(astronaut)), editor._largest_face(arr(outputs["close_up"]))
+    assert before is not None and after is not None
+    centre = np.array([SIZE / 2, SIZE / 2])
+    assert np.linalg.norm(np.array(after) - centre) < np.linalg.norm(np.array(before) - centre)
+
+
+def test_no_person_is_a_clear_error_for_backgrounds_but_not_for_lighting(editor, book):
+    from skimage import data
+
+    wall = Image.fromarray(data.brick()).convert("RGB").resize((256, 256))
+    with pytest.raises(ModelOutputError, match="found no person") as err:
+        editor.edit([EditRequest(wall, "x", seed=0, recipe=book.recipes["forest"])])
+    assert "qwen-image-edit" in err.value.hint
+    relit = editor.edit([EditRequest(wall, "x", seed=0, recipe=book.recipes["sunset"])])[0]
+    assert np.abs(arr(relit) - arr(wall)).mean() > 0.02
+
+
+def test_needs_a_recipe(editor, astronaut):
+    with pytest.raises(StageError, match="needs the recipe"):
+        editor.edit([EditRequest(astronaut, "Change the background to a forest.", seed=0)])
+
+
+def test_each_background_is_its_own_scene_and_contact_sheet(outputs, book, editor, astronaut):
+    """The scenes differ from one another behind the subject; writes /tmp/composite_sheet.png to look at."""
+    ids = [r.id for r in book.recipes.values() if r.axis == "background"]
+    behind = editor.subject_mask(arr(astronaut)) < 0.05
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            gap = np.abs(arr(outputs[a]) - arr(outputs[b]))[behind].mean()
+            assert gap > 0.08, f"{a} and {b} look alike behind the subject ({gap:.3f})"
+    tiles = [np.asarray(outputs[rid].resize((256, 256))) for rid in ids[:6]]
+    rows = [np.concatenate(tiles[i:i + 3], axis=1) for i in range(0, len(tiles) - len(tiles) % 3, 3)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save("/tmp/composite_sheet.png")

@@ -1,0 +1,212 @@
+"""``flywheel enrich``: planning, idempotent re-runs, crash + resume, lineage, references, failures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from flywheel.config import EnrichConfig
+from flywheel.enrich import enrich, plan, work_key
+from flywheel.errors import StageError
+from flywheel.images import phash, phash_hex, pixel_sha256
+from flywheel.models.base import EditRequest
+
+pytest.importorskip("mediapipe")
+
+RECIPES = ["studio", "overcast", "right_view"]  # one cheap recipe from three axes
+
+
+def add_source(project, image: Image.Image, name: str) -> int:
+    sha, _ = project.store.put_image(image)
+    with project.catalog.transaction():
+        return project.catalog.insert("images", {
+            "sha256": sha, "pixel_sha256": pixel_sha256(image), "phash": phash_hex(phash(image)),
+            "width": image.width, "height": image.height, "kind": "source", "round": 0, "original_name": name,
+        })
+
+
+@pytest.fixture
+def sources(project) -> list[int]:
+    """Three different shots of the astronaut (a real photo of a person), 192 px to keep edits fast."""
+    from skimage import data
+
+    full = Image.fromarray(data.astronaut())
+    shots = [full, full.crop((40, 0, 420, 380)), ImageOps.mirror(full.crop((0, 20, 480, 500)))]
+    return [add_source(project, s.resize((192, 192), Image.Resampling.LANCZOS), f"s{i}.png") for i, s in enumerate(shots)]
+
+
+def composite_cfg(**kw) -> EnrichConfig:
+    return EnrichConfig(backend="composite", recipes=RECIPES, seeds=2, **kw)
+
+
+def counts(project) -> dict[str, int]:
+    q = project.catalog.query
+    return {
+        "enriched": q("SELECT COUNT(*) FROM images WHERE kind = 'enriched'")[0][0],
+        "calls": q("SELECT COUNT(*) FROM operations WHERE stage = 'enrich' AND kind = 'model_call'")[0][0],
+        "parents": q("SELECT COUNT(*) FROM image_parents")[0][0],
+    }
+
+
+def assert_complete_and_consistent(project, cfg: EnrichConfig) -> None:
+    """Exactly one image per planned unit, each linked to its 'ok' operation and its source."""
+    planned = {u.work_key: u for u in plan(project, cfg)}
+    rows = project.catalog.query(
+        "SELECT o.work_key, o.status, o.seed, o.params_json, o.duration_ms, i.id AS image_id, p.parent_id, p.role "
+        "FROM operations o JOIN images i ON i.operation_id = o.id "
+        "JOIN image_parents p ON p.image_id = i.id WHERE o.stage = 'enrich' AND i.kind = 'enriched'"
+    )
+    assert sorted(r["work_key"] for r in rows) == sorted(planned)
+    for r in rows:
+        unit = planned[r["work_key"]]
+        params = json.loads(r["params_json"])
+        assert (r["status"], r["role"], r["parent_id"], r["seed"]) == ("ok", "source", unit.source_id, unit.seed)
+        assert params["prompt"] == unit.recipe.full_prompt and params["recipe"] == unit.recipe.id
+        assert params["caption"] == unit.recipe.caption  # template captions read it
+        assert params["backend"] == cfg.backend and params["composite"]["axis"] == unit.recipe.axis
+        assert r["duration_ms"] is not None
+
+
+def test_plan_is_sources_x_recipes_x_seeds_with_stable_keys(project, sources):
+    cfg = composite_cfg()
+    units = plan(project, cfg)
+    assert len(units) == 3 * 3 * 2 and len({u.work_key for u in units}) == len(units)
+    sha = project.catalog.query("SELECT sha256 FROM images WHERE id = ?", (sources[0],))[0][0]
+    assert units[0].work_key == work_key(sha, "studio", 0, "composite") == f"enrich:{sha}:studio:0:composite"
+    assert [u.work_key for u in plan(project, cfg)] == [u.work_key for u in units]
+
+
+def test_another_editor_model_is_other_work(project, sources):
+    """Switching [models] editor from the tiny model to the real one must redo the edits, not skip them."""
+    from flywheel.enrich import editor_id
+
+    cfg = EnrichConfig(backend="qwen-image-edit", recipes=["studio"])
+    tiny = project.config.models.model_copy(update={"editor": "tiny"})
+    real = project.config.models.model_copy(update={"editor": "qwen-image-edit-2511"})
+    assert editor_id(cfg, tiny) == "qwen-image-edit=tiny"
+    keys_tiny = {u.work_key for u in plan(project, cfg, editor_id(cfg, tiny))}
+    keys_real = {u.work_key for u in plan(project, cfg, editor_id(cfg, real))}
+    assert len(keys_tiny) == len(keys_real) == 3 and not keys_tiny & keys_real
+
+
+def test_enrich_makes_every_planned_edit_once_and_rerun_adds_nothing(project, sources):
+    cfg = composite_cfg()
+    seen = []
+    result = enrich(project, cfg, progress=lambda done, total, label="": seen.append((done, total)))
+    assert (result.planned, len(result.made), result.already_done, result.failed) == (18, 18, 0, [])
+    assert seen[0] == (0, 18) and seen[-1] == (18, 18)
+    assert_complete_and_consistent(project, cfg)
+    before = counts(project)
+    again = enrich(project, cfg)
+    assert (again.made, again.already_done) == ([], 18)
+    assert counts(project) == before
+    # A wider config only adds the new units.
+    more = enrich(project, cfg.model_copy(update={"seeds": 3}))
+    assert (len(more.made), more.already_done) == (9, 18)
+
+
+class FlakyEditor:
+    """The real composite editor, except that the ``fail_at``-th request (1-based) raises, like a crash."""
+
+    def __init__(self, fail_at: int, error: BaseException):
+        from flywheel.models.composite import CompositeEditor
+
+        self.inner, self.fail_at, self.error, self.seen = CompositeEditor(), fail_at, error, 0
+        self.model_id = self.inner.model_id
+
+    def params(self):
+        return self.inner.params()
+
+    def edit(self, requests: list[EditRequest]) -> list[Image.Image]:
+        self.seen += len(requests)
+        if self.seen >= self.fail_at:
+            raise self.error
+        return self.inner.edit(requests)
+
+
+def test_crash_mid_run_then_rerun_gives_exactly_the_planned_set(project, sources):
+    cfg = composite_cfg(batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        enrich(project, cfg, editor=FlakyEditor(fail_at=5, error=KeyboardInterrupt()))
+    assert counts(project)["enriched"] == 4  # two full batches of two before the third batch died
+    statuses = project.catalog.query("SELECT status, COUNT(*) FROM operations WHERE kind = 'model_call' GROUP BY status")
+    assert dict((r[0], r[1]) for r in statuses) == {"ok": 4, "failed": 2}
+    # A killed process (no chance to mark anything failed) leaves 'running' rows: fake one for a planned unit.
+    pending = [u for u in plan(project, cfg) if u.work_key not in
+               {r[0] for r in project.catalog.query("SELECT work_key FROM operations WHERE work_key IS NOT NULL")}]
+    project.catalog.start_operation("enrich", model="composite", work_key=pending[0].work_key)
+
+    result = enrich(project, cfg)
+    assert (len(result.made), result.already_done) == (14, 4)
+    assert counts(project) == {"enriched": 18, "calls": 18, "parents": 18}
+    assert_complete_and_consistent(project, cfg)
+
+
+def test_references_are_passed_and_recorded_for_qwen_image_edit(project, sources):
+    class RecordingEditor:
+        """Stands in for Qwen-Image-Edit: records what it was sent, returns a seed-dependent recolour."""
+
+        model_id = "recording-editor"
+
+        def __init__(self):
+            self.requests: list[EditRequest] = []
+
+        def params(self):
+            return {}
+
+        def edit(self, requests):
+            self.requests += requests
+            return [Image.fromarray(np.roll(np.asarray(r.image), r.seed + 1, axis=2)) for r in requests]
+
+    ed = RecordingEditor()
+    cfg = EnrichConfig(backend="qwen-image-edit", recipes=["forest"], references=2)
+    result = enrich(project, cfg, editor=ed)
+    assert len(result.made) == 3 and all(len(r.references) == 2 for r in ed.requests)
+    assert all(r.prompt == r.recipe.full_prompt for r in ed.requests)
+    for image_id in result.made:
+        parents = project.catalog.query("SELECT parent_id, role FROM image_parents WHERE image_id = ?", (image_id,))
+        assert sorted(p["role"] for p in parents) == ["reference", "reference", "source"]
+        assert len({p["parent_id"] for p in parents}) == 3 and {p["parent_id"] for p in parents} == set(sources)
+
+
+def test_a_source_without_a_person_fails_its_background_edits_and_the_rest_go_on(project, sources):
+    from skimage import data
+
+    wall = add_source(project, Image.fromarray(data.brick()).convert("RGB").resize((192, 192)), "wall.png")
+    cfg = EnrichConfig(backend="composite", recipes=["studio", "overcast"])
+    result = enrich(project, cfg)
+    assert len(result.made) == 7
+    assert len(result.failed) == 1 and ":studio:" in result.failed[0][0] and "found no person" in result.failed[0][1]
+    wall_sha = project.catalog.query("SELECT sha256 FROM images WHERE id = ?", (wall,))[0][0]
+    assert result.failed[0][0] == work_key(wall_sha, "studio", 0, "composite")
+    retry = enrich(project, cfg)  # failed units are retried (and fail the same way: the editor is deterministic)
+    assert (retry.already_done, len(retry.failed), counts(project)["calls"]) == (7, 1, 8)
+
+
+def test_no_sources_and_unknown_recipes_are_clear_errors(project):
+    with pytest.raises(StageError, match="no source images") as err:
+        enrich(project, composite_cfg())
+    assert "flywheel ingest" in err.value.hint
+    from flywheel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown recipe or axis 'sunrise'"):
+        enrich(project, EnrichConfig(backend="composite", recipes=["sunrise"]))
+
+
+def test_cli_enrich_runs_the_configured_recipes(project, sources):
+    from click.testing import CliRunner
+
+    from flywheel.cli import main
+
+    project.close()
+    toml = project.root / "flywheel.toml"
+    text = toml.read_text(encoding="utf-8")
+    start = text.index("\nrecipes = [", text.index("[enrich]"))
+    end = text.index("\n", start + 1)
+    toml.write_text(text[:start] + '\nrecipes = ["studio"]' + text[end:], encoding="utf-8")
+    out = CliRunner().invoke(main, ["-C", str(project.root), "enrich", "--backend", "composite"])
+    assert out.exit_code == 0, out.output
+    assert "3/3" in out.output and "enrich (composite): 3 edits planned; 3 new, 0 already done" in out.output
