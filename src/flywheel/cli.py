@@ -304,6 +304,31 @@ def generate(ctx: click.Context, run_id: int | None) -> None:
     click.echo(f"round {result.round}: {len(result.image_ids)} images generated, {result.skipped} already there")
 
 
+@main.command("tune-judge")
+@click.option("--resume", is_flag=True, help="Continue the newest unfinished attempt from its last checkpoint.")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Override [tune_judge] steps.")
+@click.pass_context
+def tune_judge_cmd(ctx: click.Context, resume: bool, steps: int | None) -> None:
+    """Fine-tune the judge VLM on your review decisions; it judges only if it agrees better with held-out ones."""
+    from flywheel.tune_judge import tune_judge
+
+    with _open(ctx) as project, rich_progress("tune-judge") as progress:
+        cfg = project.config
+        if steps is not None:
+            cfg = cfg.model_copy(update={"tune_judge": cfg.tune_judge.model_copy(update={"steps": steps})})
+        r = tune_judge(project, cfg, resume=resume, progress=progress)
+    for name, c in r.balance.items():
+        click.echo(f"{name:9s}: {c['keep']} keep / {c['reject']} reject from {c['groups']} source group(s)")
+    click.echo(f"{'held-out':22s} {'base judge':>11s} {'incumbent':>10s} {'this adapter':>13s}")
+    for key in ("accuracy", "kappa", "reject_precision", "reject_recall", "brier", "ece"):
+        click.echo(f"{key:22s} {r.before[key]:11.3f} {r.incumbent[key]:10.3f} {r.after[key]:13.3f}")
+    click.echo(f"adapter {r.adapter_id} ({r.base_model}, data {r.data_hash[:12]}): {r.adapter_path}")
+    if r.promoted:
+        click.secho("promoted: `flywheel judge` now uses this adapter", fg="green")
+    else:
+        click.secho(f"not promoted: it does not beat {r.incumbent_id or 'the base judge'} on held-out kappa", fg="yellow")
+
+
 @main.command(name="export")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["kohya", "ai-toolkit", "imagefolder"]), default="kohya",

@@ -142,6 +142,8 @@ class TuneJudgeConfig(Section):
     learning_rate: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    decision_loss_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of the loss on the yes/no token; the rest is the JSON reason.")
     max_grad_norm: float = Field(1.0, gt=0)
     quantize_base: Literal["auto", "none", "nf4"] = Field(
         "auto", description="'auto': QLoRA (4-bit NF4 base) on CUDA, plain LoRA in float32 on CPU.")
@@ -176,6 +178,7 @@ class TrainConfig(Section):
     guidance: float = Field(1.0, ge=0)
     timestep_sampling: Literal["shifted_sigmoid", "sigmoid", "uniform"] = "shifted_sigmoid"
     gradient_checkpointing: bool = True
+    checkpoint_every_n_blocks: int = Field(1, ge=1, description="With checkpointing: 1 = every block, 2 = half...")
     quantize_base: Literal["none", "fp8", "int8", "nf4"] = "none"
     compile: bool = False
     max_sequence_length: int = Field(512, ge=16, le=512)

@@ -1,0 +1,313 @@
+"""``flywheel train``: a FLUX.1 character LoRA on a frozen dataset version, resumable step for step.
+
+The run reads top to bottom: plan (freeze the dataset, record the run), load the base, cache latents and
+text embeddings (then the VAE and text encoders leave the GPU), add the LoRA, train with checkpoints and
+samples, save the LoRA in diffusers and kohya formats beside the resolved config and the loss curve.
+Everything random in the loop (data order, caption dropout, t, noise) comes from one generator whose
+state is checkpointed, so ``resume`` continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from flywheel.config import TrainConfig
+from flywheel.dataset import freeze_dataset, load_dataset
+from flywheel.errors import MissingExtraError, StageError
+from flywheel.progress import ProgressFn, no_progress
+from flywheel.training import buckets as bk
+from flywheel.training import caching, checkpoint, lora_io
+from flywheel.training.flux_step import Batch, checkpoint_blocks, train_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_id: int
+    run_dir: Path
+    lora_path: Path
+    kohya_path: Path
+    dataset_version: int
+    losses: list[float]
+
+
+def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | None = None, resume: int | bool = False,
+          device: str | None = None, progress: ProgressFn | None = None) -> TrainResult:
+    """Train (or, with ``resume``, continue) a LoRA run. ``resume=True`` picks the newest unfinished run."""
+    progress = progress or no_progress
+    cat = project.catalog
+    # 1. Plan: the run (new, or the unfinished one to resume), its frozen dataset and folder.
+    if resume:
+        run = _unfinished_run(cat, None if resume is True else int(resume))
+        cfg = TrainConfig.model_validate(json.loads(run["config_json"]))  # the run's own settings, not today's
+        ds = load_dataset(project, cat.query("SELECT version FROM dataset_versions WHERE id = ?",
+                                             (run["dataset_id"],))[0]["version"])
+        run_id = run["id"]
+    else:
+        cfg = cfg or project.config.train
+        ds = load_dataset(project, dataset_version) if dataset_version else freeze_dataset(project, _next_round(cat))
+        with cat.transaction():
+            op = cat.start_operation("train", kind="stage_run", model=cfg.base_model, params=cfg.model_dump(),
+                                     seed=cfg.seed)
+            run_id = cat.insert("lora_runs", {
+                "round": ds.round, "dataset_id": ds.id, "base_model": cfg.base_model, "operation_id": op,
+                "config_json": json.dumps(cfg.model_dump()), "output_dir": f"runs/run-{0:04d}",
+            })
+            cat.execute("UPDATE lora_runs SET output_dir = ? WHERE id = ?", (f"runs/run-{run_id:04d}", run_id))
+    run_dir = project.workspace / "runs" / f"run-{run_id:04d}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trigger = project.config.project.trigger
+    try:
+        with cat.operation("train", kind="model_call", model=cfg.base_model, seed=cfg.seed,
+                           params={"lora_run_id": run_id, "resume": bool(resume), "dataset_version": ds.version}):
+            losses = _run(project, cfg, ds, run_id, run_dir, trigger, device, progress, resume=bool(resume))
+    except BaseException:
+        with cat.transaction():
+            cat.execute("UPDATE lora_runs SET status = 'failed' WHERE id = ?", (run_id,))
+            cat.execute("UPDATE operations SET status = 'failed' WHERE id = "
+                        "(SELECT operation_id FROM lora_runs WHERE id = ?)", (run_id,))
+        raise
+    with cat.transaction():
+        cat.execute("UPDATE lora_runs SET status = 'ok', finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') "
+                    "WHERE id = ?", (run_id,))
+        op = cat.query("SELECT operation_id FROM lora_runs WHERE id = ?", (run_id,))[0]["operation_id"]
+        cat.execute("UPDATE operations SET status = 'ok' WHERE id = ?", (op,))
+    return TrainResult(run_id, run_dir, run_dir / lora_io.LORA_FILE, run_dir / lora_io.KOHYA_FILE, ds.version, losses)
+
+
+def _run(project, cfg: TrainConfig, ds, run_id: int, run_dir: Path, trigger: str, device, progress, *,
+         resume: bool) -> list[float]:
+    import torch
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+
+    from flywheel.models.flux import _device_dtype, _resolve
+
+    # 2. Load the base pipeline; everything but the LoRA stays frozen.
+    device, dtype = _device_dtype(device, None)
+    if device.startswith("cuda"):  # cuDNN attention's backward hit illegal memory accesses (torch 2.11, H100)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    source = _resolve(cfg.base_model)
+    pipe = FluxPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
+        m.requires_grad_(False)
+    model_key = hashlib.sha256(str(source).encode()).hexdigest()[:16]
+
+    # 3. Buckets and caches; afterwards the VAE and text encoders leave the GPU.
+    by_id = {m.image_id: m for m in ds.members}
+    groups = bk.group_by_bucket({m.image_id: (m.width, m.height) for m in ds.members},
+                                bk.make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect))
+    bucket_of = {i: b for b, ids in groups.items() for i in ids}
+    cache_dir = project.workspace / "cache"
+    pipe.vae.to(device)
+    latents = caching.cache_latents(pipe.vae, [(by_id[i].sha256, by_id[i].path, bucket_of[i]) for i in by_id],
+                                    cache_dir, model_key=model_key, device=device)
+    pipe.text_encoder.to(device)
+    pipe.text_encoder_2.to(device)
+    captions = {i: (by_id[i].caption or trigger) for i in by_id}
+    sample_prompts = [p.replace("{trigger}", trigger) for p in cfg.sample_prompts]
+    text = caching.cache_text(pipe, [*captions.values(), "", *sample_prompts], cache_dir, model_key=model_key,
+                              max_sequence_length=cfg.max_sequence_length)
+    caching.release(pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+
+    # 4. LoRA, optimizer, schedule, generator; restore them all from the last checkpoint when resuming.
+    transformer = pipe.transformer.to(device)
+    if cfg.quantize_base in ("int8", "nf4"):
+        _quantize_base(transformer, cfg.quantize_base)
+    torch.manual_seed(cfg.seed)
+    transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                       target_modules=cfg.target_modules))
+    if cfg.quantize_base == "fp8":  # after the LoRA: only frozen base Linears become fp8
+        from flywheel.training.fp8 import convert_to_fp8
+
+        # storage only: fp8 matmuls measured no faster than bf16 here (docs/training.md), and less exact
+        convert_to_fp8(transformer, rowwise=True, fp8_compute=False)
+    named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    for p in named.values():
+        p.data = p.data.float()  # LoRA weights and optimizer state in fp32, the frozen base in bf16
+    if cfg.gradient_checkpointing and cfg.checkpoint_every_n_blocks == 1:
+        transformer.enable_gradient_checkpointing()
+    elif cfg.gradient_checkpointing:
+        checkpoint_blocks(transformer, cfg.checkpoint_every_n_blocks)
+    if cfg.compile:
+        for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
+            block.compile()
+    transformer.train()
+    optimizer = _optimizer(cfg, list(named.values()))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step, data, losses = 0, _new_epoch(groups, cfg, 0), []
+    last = checkpoint.list_checkpoints(run_dir)
+    if resume and last:
+        state = checkpoint.load_checkpoint(last[-1], params=named, optimizer=optimizer, lr_scheduler=scheduler,
+                                           generator=generator)
+        step, data, losses = state["step"], state["data"], state["losses"]
+        log.info("resuming run %d at step %d from %s", run_id, step, last[-1].name)
+
+    # 5. The loop: one bucket batch per step.
+    def batch_for(ids: list[int]) -> Batch:
+        drop = torch.rand(len(ids), generator=generator) < cfg.caption_dropout
+        embeds = [text["" if d else captions[i]] for i, d in zip(ids, drop.tolist())]
+        return Batch(latents=torch.cat([latents[by_id[i].sha256] for i in ids]).to(device, dtype),
+                     prompt_embeds=torch.cat([e[0] for e in embeds]).to(device, dtype),
+                     pooled=torch.cat([e[1] for e in embeds]).to(device, dtype))
+
+    while step < cfg.steps:
+        if data["position"] >= len(data["order"]):
+            data = _new_epoch(groups, cfg, data["epoch"] + 1)
+        ids = data["order"][data["position"]]
+        data["position"] += 1
+        lr = scheduler.get_last_lr()[0]
+        loss = train_step(transformer, optimizer, batch_for(ids), generator, params=list(named.values()),
+                          guidance=cfg.guidance, sampling=cfg.timestep_sampling, max_grad_norm=cfg.max_grad_norm,
+                          lr_scheduler=scheduler)
+        step += 1
+        losses.append({"step": step, "loss": float(loss), "lr": lr, "epoch": data["epoch"]})
+        if not math.isfinite(losses[-1]["loss"]):
+            raise StageError(f"loss became {losses[-1]['loss']} at step {step}",
+                             hint="lower train.learning_rate, or resume from the last checkpoint")
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            ck = checkpoint.save_checkpoint(run_dir, step, lora={n: p for n, p in named.items()}, optimizer=optimizer,
+                                            lr_scheduler=scheduler, generator=generator, data=data, losses=losses,
+                                            keep=cfg.keep_checkpoints)
+            _artifact(project, "checkpoint", ck, run_id, step, hash_file=False)
+        if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+            _samples(project, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step, device)
+        progress(step, cfg.steps, f"loss {losses[-1]['loss']:.4f}")
+
+    # 6. Outputs: LoRA (diffusers + kohya keys), resolved config, loss curve, final samples.
+    transformer.eval()
+    _samples(project, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step, device)
+    state = lora_io.lora_state_dict(transformer, alpha=cfg.alpha, rank=cfg.rank)
+    _artifact(project, "lora", lora_io.save_diffusers(state, run_dir), run_id, step)
+    kohya = lora_io.save_kohya(state, run_dir / lora_io.KOHYA_FILE, lora_io.out_features_of(transformer))
+    _artifact(project, "lora_kohya", kohya, run_id, step)
+    resolved = {"train": cfg.model_dump(), "base_model_path": str(source), "dataset_version": ds.version,
+                "trigger": trigger, "lora_run_id": run_id, "device": device, "dtype": str(dtype)}
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
+    _artifact(project, "config", run_dir / "config.json", run_id, step)
+    with open(run_dir / "loss.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "epoch"])
+        w.writeheader()
+        w.writerows(losses)
+    _artifact(project, "loss_curve", run_dir / "loss.csv", run_id, step)
+    return [r["loss"] for r in losses]
+
+
+def _new_epoch(groups: dict, cfg: TrainConfig, epoch: int) -> dict:
+    """Batches of one bucket each, shuffled with a seed of (run seed, epoch): the checkpointed data order."""
+    rng = random.Random(f"{cfg.seed}:{epoch}")
+    batches = []
+    for _, ids in sorted(groups.items(), key=lambda kv: (kv[0].width, kv[0].height)):
+        items = sorted(ids) * cfg.repeats
+        rng.shuffle(items)
+        batches += [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
+    rng.shuffle(batches)
+    return {"epoch": epoch, "order": batches, "position": 0}
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - frac)
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+    return factor
+
+
+def _optimizer(cfg: TrainConfig, params: list):
+    import torch
+
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise MissingExtraError("bitsandbytes", "gpu", "train.optimizer = 'adamw8bit'") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _quantize_base(transformer, mode: str) -> None:
+    """int8 / int4 weight-only frozen base via torchao (before the LoRA is added). fp8 is flywheel.training.fp8."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise StageError(f"train.quantize_base = {mode!r} needs a CUDA GPU", hint="use quantize_base = 'none' on CPU")
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise MissingExtraError("torchao", "gpu", f"train.quantize_base = {mode!r}") from None
+    config = {"int8": Int8WeightOnlyConfig, "nf4": Int4WeightOnlyConfig}[mode]()
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    for block in blocks:
+        quantize_(block, config)
+
+
+def _samples(project, pipe, transformer, cfg: TrainConfig, text: dict, prompts: list[str], run_id: int,
+             run_dir: Path, step: int, device) -> None:
+    """Fixed prompts x fixed seeds with the LoRA as it is now; each image is an artifact with its settings."""
+    import torch
+    from diffusers import FluxPipeline
+
+    if not prompts or not cfg.sample_seeds:
+        return
+    was_training = transformer.training
+    transformer.eval()
+    pipe.vae.to(device)
+    sampler = FluxPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=None, tokenizer=None,
+                           text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    sampler.set_progress_bar_config(disable=True)
+    out = run_dir / "samples"
+    out.mkdir(exist_ok=True)
+    with torch.no_grad():
+        for pi, prompt in enumerate(prompts):
+            embeds, pooled = text[prompt]
+            for seed in cfg.sample_seeds:
+                image = sampler(prompt_embeds=embeds.to(device, transformer.dtype),
+                                pooled_prompt_embeds=pooled.to(device, transformer.dtype),
+                                width=cfg.sample_size, height=cfg.sample_size, num_inference_steps=cfg.sample_steps,
+                                guidance_scale=3.5, generator=torch.Generator().manual_seed(seed)).images[0]
+                path = out / f"step{step:06d}-p{pi}-s{seed}.png"
+                image.save(path)
+                _artifact(project, "sample", path, run_id, step, meta={"prompt": prompt, "seed": seed,
+                                                                       "steps": cfg.sample_steps, "guidance": 3.5,
+                                                                       "size": cfg.sample_size})
+    caching.release(pipe.vae)
+    if was_training:
+        transformer.train()
+
+
+def _artifact(project, kind: str, path: Path, run_id: int, step: int, *, meta: dict | None = None,
+              hash_file: bool = True) -> None:
+    sha = hashlib.sha256(path.read_bytes()).hexdigest() if hash_file and path.is_file() else None
+    with project.catalog.transaction():
+        project.catalog.insert("artifacts", {
+            "kind": kind, "path": str(path.relative_to(project.workspace)), "sha256": sha, "lora_run_id": run_id,
+            "step": step, "meta_json": json.dumps(meta or {}),
+        })
+
+
+def _next_round(cat) -> int:
+    return int(cat.query("SELECT COALESCE(MAX(round), 0) + 1 AS r FROM lora_runs WHERE status = 'ok'")[0]["r"])
+
+
+def _unfinished_run(cat, run_id: int | None):
+    sql = "SELECT * FROM lora_runs WHERE status != 'ok'" + (" AND id = ?" if run_id else "") + " ORDER BY id DESC"
+    rows = cat.query(sql, (run_id,) if run_id else ())
+    if not rows:
+        raise StageError("no unfinished training run to resume" + (f" with id {run_id}" if run_id else ""),
+                         hint="start one with `flywheel train`; finished runs are not resumed")
+    return rows[0]

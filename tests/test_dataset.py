@@ -1,0 +1,86 @@
+"""Freezing a dataset version: who is in, with which caption, and that it is recorded atomically."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from flywheel.dataset import freeze_dataset, load_dataset
+from flywheel.errors import StageError
+
+
+def add_image(project, kind: str, round: int = 0, *, color=(10, 20, 30), size=(64, 64)) -> int:
+    sha, _ = project.store.put_image(Image.new("RGB", size, color))
+    return project.catalog.insert("images", {
+        "sha256": sha, "pixel_sha256": sha, "phash": "0" * 16, "width": size[0], "height": size[1],
+        "kind": kind, "round": round,
+    })
+
+
+def verdict(project, image_id: int, v: str) -> None:
+    project.catalog.insert("verdicts", {"image_id": image_id, "verdict": v, "reason": "test"})
+
+
+def review(project, image_id: int, d: str) -> None:
+    project.catalog.insert("reviews", {"image_id": image_id, "decision": d, "reviewer": "tester"})
+
+
+def caption(project, image_id: int, text: str) -> int:
+    return project.catalog.insert("captions", {"image_id": image_id, "text": text, "source": "vlm"})
+
+
+def test_membership_follows_human_over_machine_and_newest_rows(project):
+    src = add_image(project, "source", color=(1, 1, 1))
+    rejected_src = add_image(project, "source", color=(2, 2, 2))
+    review(project, rejected_src, "rejected")  # sources are always in, whatever the review says
+    machine_ok = add_image(project, "enriched", color=(3, 3, 3))
+    verdict(project, machine_ok, "rejected")
+    verdict(project, machine_ok, "accepted")  # newest verdict wins
+    human_no = add_image(project, "enriched", color=(4, 4, 4))
+    verdict(project, human_no, "accepted")
+    review(project, human_no, "rejected")  # human beats machine
+    human_yes = add_image(project, "enriched", color=(5, 5, 5))
+    verdict(project, human_yes, "rejected")
+    review(project, human_yes, "accepted")
+    cleared = add_image(project, "enriched", color=(6, 6, 6))
+    verdict(project, cleared, "accepted")
+    review(project, cleared, "rejected")
+    review(project, cleared, "cleared")  # undo: back to the machine verdict
+    undecided = add_image(project, "enriched", color=(7, 7, 7))
+    verdict(project, undecided, "needs_review")
+    later_round = add_image(project, "synthetic", round=1, color=(8, 8, 8))
+    verdict(project, later_round, "accepted")
+    caption(project, src, "old caption")
+    newest = caption(project, src, "fw_test on a beach")
+
+    ds = freeze_dataset(project, 1)
+    assert {m.image_id for m in ds.members} == {src, rejected_src, machine_ok, human_yes, cleared}
+    by_id = {m.image_id: m for m in ds.members}
+    assert by_id[src].caption_id == newest and by_id[src].caption == "fw_test on a beach"
+    assert by_id[machine_ok].caption is None
+    assert by_id[src].path.is_file()
+    # round 2 sees the round-1 synthetic image; versions count up
+    ds2 = freeze_dataset(project, 2)
+    assert later_round in {m.image_id for m in ds2.members}
+    assert (ds.version, ds2.version) == (1, 2)
+    assert load_dataset(project).version == 2 and len(load_dataset(project, 1).members) == 5
+
+
+def test_frozen_version_does_not_move_when_reviews_change(project):
+    img = add_image(project, "enriched", color=(9, 9, 9))
+    add_image(project, "source")
+    verdict(project, img, "accepted")
+    ds = freeze_dataset(project, 1)
+    review(project, img, "rejected")
+    assert {m.image_id for m in load_dataset(project, ds.version).members} == {m.image_id for m in ds.members}
+    assert img not in {m.image_id for m in freeze_dataset(project, 1).members}
+
+
+def test_empty_catalog_and_bad_round_are_explained(project):
+    with pytest.raises(StageError, match="no sources"):
+        freeze_dataset(project, 1)
+    assert project.catalog.query("SELECT COUNT(*) AS n FROM dataset_versions")[0]["n"] == 0  # rolled back
+    with pytest.raises(StageError, match="round"):
+        freeze_dataset(project, 0)
+    with pytest.raises(StageError, match="no dataset version v3"):
+        load_dataset(project, 3)
