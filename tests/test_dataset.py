@@ -84,3 +84,15 @@ def test_empty_catalog_and_bad_round_are_explained(project):
         freeze_dataset(project, 0)
     with pytest.raises(StageError, match="no dataset version v3"):
         load_dataset(project, 3)
+
+
+def test_evaluation_images_never_enter_a_training_set(project):
+    add_image(project, "source", color=(1, 1, 1))
+    kept = add_image(project, "synthetic", 1, color=(5, 5, 5))
+    held_out = add_image(project, "synthetic", 1, color=(6, 6, 6))
+    project.catalog.execute("UPDATE images SET purpose = 'eval' WHERE id = ?", (held_out,))
+    for image_id in (kept, held_out):
+        verdict(project, image_id, "accepted")
+        review(project, image_id, "accepted")
+    members = {m.image_id for m in freeze_dataset(project, 2).members}
+    assert kept in members and held_out not in members

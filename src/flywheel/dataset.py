@@ -38,7 +38,7 @@ LEFT JOIN last_review r ON r.image_id = i.id
 LEFT JOIN last_verdict v ON v.image_id = i.id
 LEFT JOIN last_caption c ON c.image_id = i.id
 WHERE i.kind = 'source'
-   OR (i.round < :round AND (
+   OR (i.round < :round AND i.purpose = 'train' AND (  -- held-out evaluation images never train
          r.decision = 'accepted'
       OR ((r.decision IS NULL OR r.decision IN ('cleared', 'skipped')) AND v.verdict = 'accepted')))
 ORDER BY i.id

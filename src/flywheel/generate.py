@@ -52,14 +52,21 @@ def prompt_bank(trigger: str, cfg: GenerateConfig) -> list[str]:
 
 
 def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | None = None, device: str | None = None,
-             progress: ProgressFn | None = None, **model_kwargs) -> GenerateResult:
-    """Generate the round's synthetic images with the newest finished LoRA run (or ``lora_run_id``)."""
+             progress: ProgressFn | None = None, purpose: str = "train", **model_kwargs) -> GenerateResult:
+    """Generate the round's synthetic images with the newest finished LoRA run (or ``lora_run_id``).
+
+    ``purpose='eval'`` renders held-out evaluation images (``flywheel evaluate``): recorded under the
+    'evaluate' stage with ``images.purpose = 'eval'``, so no dataset ever trains on them.
+    """
     from flywheel.images import phash, phash_hex, pixel_sha256
     from flywheel.models.base import TextToImageRequest
     from flywheel.models.flux import FluxTextToImage
 
     cfg = cfg or project.config.generate
     progress = progress or no_progress
+    if purpose not in ("train", "eval"):
+        raise StageError(f"unknown purpose {purpose!r}", hint="'train' (synthetic round images) or 'eval' (held out)")
+    stage = "generate" if purpose == "train" else "evaluate"
     cat = project.catalog
     # 1. Plan: the LoRA run, prompts x seeds, minus what an earlier (interrupted) call already made.
     run = _lora_run(cat, lora_run_id)
@@ -71,11 +78,11 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
     for prompt in prompt_bank(project.config.project.trigger, cfg):
         for j in range(cfg.seeds_per_prompt):
             seed = cfg.seed + j
-            key = "generate:" + hashlib.sha256(
+            key = f"{stage}:" + hashlib.sha256(
                 f"{run['id']}|{prompt}|{seed}|{sorted(settings.items())}".encode()).hexdigest()[:32]
             todo.append((prompt, seed, key))
-    done = {r["work_key"] for r in cat.query("SELECT work_key FROM operations WHERE stage = 'generate' AND status = 'ok'"
-                                             " AND work_key LIKE 'generate:%'")}
+    done = {r["work_key"] for r in cat.query("SELECT work_key FROM operations WHERE stage = ? AND status = 'ok'"
+                                             " AND work_key LIKE ?", (stage, f"{stage}:%"))}
     result = GenerateResult(round=run["round"], lora_run_id=run["id"], skipped=sum(k in done for _, _, k in todo))
     todo = [t for t in todo if t[2] not in done]
     if not todo:
@@ -86,11 +93,11 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
         max_sequence_length=cfg.max_sequence_length, **model_kwargs)
     model.load_lora(str(lora_path), name=f"round{run['round']}", scale=cfg.lora_scale)
     # 3. Batches: one operation row per image, finished with the images row that points to it.
-    with cat.operation("generate", kind="stage_run", model=model.model_id,
+    with cat.operation(stage, kind="stage_run", model=model.model_id,
                        params={"lora_run_id": run["id"], "images": len(todo), **settings}) as stage_op:
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start:start + cfg.batch_size]
-            ops = [cat.start_operation("generate", model=model.model_id, seed=seed, parent_id=stage_op, work_key=key,
+            ops = [cat.start_operation(stage, model=model.model_id, seed=seed, parent_id=stage_op, work_key=key,
                                        params={**model.params(), **settings, "prompt": prompt, "seed": seed,
                                                "lora_run_id": run["id"], "lora_path": str(lora_path)})
                    for prompt, seed, key in chunk]
@@ -110,7 +117,7 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
                     image_id = existing[0]["id"] if existing else cat.insert("images", {
                         "sha256": sha, "pixel_sha256": pixel_sha256(image), "phash": phash_hex(phash(image)),
                         "width": image.width, "height": image.height, "kind": "synthetic", "round": run["round"],
-                        "operation_id": op})
+                        "operation_id": op, "purpose": purpose})
                     cat.finish_operation(op, "ok", ms)
                 result.image_ids.append(image_id)
             progress(min(start + cfg.batch_size, len(todo)), len(todo), "images")

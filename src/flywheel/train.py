@@ -50,15 +50,16 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
         cfg = TrainConfig.model_validate(json.loads(run["config_json"]))  # the run's own settings, not today's
         ds = load_dataset(project, cat.query("SELECT version FROM dataset_versions WHERE id = ?",
                                              (run["dataset_id"],))[0]["version"])
-        run_id = run["id"]
+        run_id, base = run["id"], run["base_model"]
     else:
         cfg = cfg or project.config.train
+        base = base_model_folder(cfg, project.config.models.base)
         ds = load_dataset(project, dataset_version) if dataset_version else freeze_dataset(project, _next_round(cat))
         with cat.transaction():
-            op = cat.start_operation("train", kind="stage_run", model=cfg.base_model, params=cfg.model_dump(),
+            op = cat.start_operation("train", kind="stage_run", model=base, params=cfg.model_dump(),
                                      seed=cfg.seed)
             run_id = cat.insert("lora_runs", {
-                "round": ds.round, "dataset_id": ds.id, "base_model": cfg.base_model, "operation_id": op,
+                "round": ds.round, "dataset_id": ds.id, "base_model": base, "operation_id": op,
                 "config_json": json.dumps(cfg.model_dump()), "output_dir": f"runs/run-{0:04d}",
             })
             cat.execute("UPDATE lora_runs SET output_dir = ? WHERE id = ?", (f"runs/run-{run_id:04d}", run_id))
@@ -66,9 +67,9 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
     run_dir.mkdir(parents=True, exist_ok=True)
     trigger = project.config.project.trigger
     try:
-        with cat.operation("train", kind="model_call", model=cfg.base_model, seed=cfg.seed,
+        with cat.operation("train", kind="model_call", model=base, seed=cfg.seed,
                            params={"lora_run_id": run_id, "resume": bool(resume), "dataset_version": ds.version}):
-            losses = _run(project, cfg, ds, run_id, run_dir, trigger, device, progress, resume=bool(resume))
+            losses = _run(project, cfg, ds, base, run_id, run_dir, trigger, device, progress, resume=bool(resume))
     except BaseException:
         with cat.transaction():
             cat.execute("UPDATE lora_runs SET status = 'failed' WHERE id = ?", (run_id,))
@@ -83,7 +84,15 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
     return TrainResult(run_id, run_dir, run_dir / lora_io.LORA_FILE, run_dir / lora_io.KOHYA_FILE, ds.version, losses)
 
 
-def _run(project, cfg: TrainConfig, ds, run_id: int, run_dir: Path, trigger: str, device, progress, *,
+def base_model_folder(cfg: TrainConfig, models_base: str) -> str:
+    """The FLUX.1 base as a loadable folder or hub id: [train] base_model, else [models] base (a preset,
+    e.g. 'flux-dev' or 'tiny', a folder, or a hub id). Recorded on the run, so generate and resume use it."""
+    from flywheel.models import resolve
+
+    return str(resolve(cfg.base_model or models_base, role="text_to_image").folder)
+
+
+def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, trigger: str, device, progress, *,
          resume: bool) -> list[float]:
     import torch
     from diffusers import FluxPipeline
@@ -95,7 +104,7 @@ def _run(project, cfg: TrainConfig, ds, run_id: int, run_dir: Path, trigger: str
     device, dtype = _device_dtype(device, None)
     if device.startswith("cuda"):  # cuDNN attention's backward hit illegal memory accesses (torch 2.11, H100)
         torch.backends.cuda.enable_cudnn_sdp(False)
-    source = _resolve(cfg.base_model)
+    source = _resolve(base)
     pipe = FluxPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
