@@ -126,3 +126,17 @@ def test_documented_schema_is_current():
 
     doc = (Path(__file__).parents[1] / "docs" / "catalog.md").read_text(encoding="utf-8")
     assert render(doc) == doc, "docs/catalog.md is stale: run python -m flywheel.catalog.schema_doc docs/catalog.md"
+
+
+def test_a_killed_units_row_is_taken_over_not_duplicated(tmp_path):
+    cat = open_catalog(tmp_path / "c.sqlite")
+    first = cat.start_operation("generate", model="m", params={"try": 1}, work_key="generate:abc")
+    # (the process was killed here: the row stays 'running')
+    again = cat.start_operation("generate", model="m", params={"try": 2}, work_key="generate:abc")
+    assert again == first
+    row = cat.query("SELECT status, params_json FROM operations WHERE id = ?", (first,))[0]
+    assert (row["status"], row["params_json"]) == ("running", '{"try": 2}')
+    cat.finish_operation(first, "ok", 5)
+    with pytest.raises(CatalogError, match="already done"):
+        cat.start_operation("generate", model="m", work_key="generate:abc")
+    assert cat.query("SELECT COUNT(*) FROM operations")[0][0] == 1

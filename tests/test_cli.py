@@ -43,11 +43,25 @@ def test_bad_config_points_at_the_key(tmp_path):
     assert "ingest.min_size: unknown key (did you mean 'min_side'?)" in res.output
 
 
-def test_demo_runs_and_resumes(tmp_path):
+def test_demo_runs_the_whole_loop_and_a_rerun_adds_nothing(tmp_path):
+    import sqlite3
+
     runner = CliRunner()
     res = runner.invoke(main, ["demo", str(tmp_path / "demo")])
     assert res.exit_code == 0, res.output
-    assert "ingest: 5 added" in res.output
+    for step in ("» ingest", "» enrich", "» caption", "» judge", "» train round 1", "» generate round 1",
+                 "» train round 2", "» evaluate"):
+        assert step in res.output
+    assert "Evaluation: round 2 vs round 1:" in res.output and "Tiny stand-ins:" in res.output
+    assert (tmp_path / "demo" / ".flywheel" / "reports" / "eval-run1-vs-run2" / "index.html").is_file()
+
+    def counts():
+        db = sqlite3.connect(tmp_path / "demo" / ".flywheel" / "catalog.sqlite")
+        tables = ("images", "captions", "verdicts", "dataset_versions", "lora_runs", "evaluations")
+        return {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}
+
+    before = counts()
+    assert before["lora_runs"] == 2 and before["evaluations"] == 1 and before["images"] > 30
     res = runner.invoke(main, ["demo", str(tmp_path / "demo")])
     assert res.exit_code == 0, res.output
-    assert "ingest: 0 added, 5 skipped, 0 rejected" in res.output
+    assert counts() == before

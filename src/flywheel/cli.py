@@ -183,16 +183,49 @@ def status(ctx: click.Context) -> None:
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path), default=Path("flywheel-demo"), required=False)
 def demo(directory: Path) -> None:
-    """Run the loop offline on the built-in sample character (see README: which parts are stand-ins)."""
+    """Run the whole loop offline on the built-in sample character (says which parts are tiny stand-ins)."""
     from flywheel.demo import run_demo
     from flywheel.status import render_status
 
     with rich_progress("demo") as progress:
-        summary = run_demo(directory, progress=progress)
-    _print_ingest(summary.ingest)
+        summary = run_demo(directory, progress=progress, on_step=lambda s: click.echo(f"» {s}"))
     _console().print(render_status(summary.status))
     for line in summary.notes:
         click.echo(line)
+
+
+@main.command("run")
+@click.pass_context
+def run_(ctx: click.Context) -> None:
+    """Walk the whole data flywheel ([loop] in flywheel.toml); re-run to resume after a stop or a crash."""
+    from flywheel.loop import run_loop
+
+    with _open(ctx) as project, rich_progress("flywheel") as progress:
+        result = run_loop(project, progress=progress, on_step=lambda s: click.echo(f"» {s}"))
+    if result.waiting_for_review:
+        click.secho(f"Waiting for review: {result.waiting_for_review} images need a human decision "
+                    "([loop] review). Run `flywheel review`, then `flywheel run` again.", fg="yellow")
+    elif result.report:
+        click.echo(f"Done. Evaluation: {result.verdict.replace('_', ' ')}. Report: {result.report}")
+    else:
+        click.echo("Done.")
+
+
+@main.command()
+@click.option("--baseline", "baseline", type=int, default=None, help="LoRA run id (default: the one before).")
+@click.option("--candidate", "candidate", type=int, default=None, help="LoRA run id (default: the newest).")
+@click.pass_context
+def evaluate(ctx: click.Context, baseline: int | None, candidate: int | None) -> None:
+    """Compare two LoRA rounds on held-out prompts and seeds; writes an HTML report."""
+    from flywheel.evaluate import evaluate as run_evaluate
+
+    with _open(ctx) as project, rich_progress("evaluate") as progress:
+        r = run_evaluate(project, baseline_run=baseline, candidate_run=candidate, progress=progress)
+    comp = r.metrics["comparisons"].get(r.primary, {})
+    click.echo(f"Run {r.candidate_run} vs run {r.baseline_run}: {r.verdict.replace('_', ' ')} on {r.primary} "
+               f"({comp.get('baseline', float('nan')):.3f} -> {comp.get('candidate', float('nan')):.3f}, "
+               f"95% interval of the improvement {comp.get('ci95', ['?', '?'])})")
+    click.echo(f"Report: {r.report}")
 
 
 # --- models ---------------------------------------------------------------------------------------------

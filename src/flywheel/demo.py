@@ -1,8 +1,8 @@
-"""``flywheel demo``: the loop, offline, on the built-in sample character.
+"""``flywheel demo``: the whole loop, offline, on the built-in sample character.
 
-What runs today: init a project, write the sample shots (``flywheel.sample``), ingest them with real
-face detection, and report status. Later stages join here as they land; the notes returned say which
-parts are real and which are tiny stand-ins.
+The demo project is an ordinary project whose ``flywheel.toml`` (``flywheel/data/demo.toml``) says which
+parts are real and which are tiny stand-ins; the demo writes it, writes the sample shots next to it as a
+user's folder of images would be, and runs ``flywheel run``. Re-running resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -11,36 +11,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flywheel.config import CONFIG_FILENAME
-from flywheel.ingest import IngestResult, ingest
+from flywheel.loop import LoopResult, run_loop
 from flywheel.progress import ProgressFn
-from flywheel.project import init_project, open_project
-from flywheel.sample import SAMPLE_NAME, SAMPLE_TRIGGER, write_sample
+from flywheel.project import open_project
+from flywheel.sample import write_sample
 from flywheel.status import Status, collect_status
+
+DEMO_CONFIG = Path(__file__).parent / "data" / "demo.toml"
+
+STAND_INS = [
+    "Real: ingest, dlib face detection + identity, the composite editor (mediapipe segmentation), pixel "
+    "signals, the judge policy, dataset freezes, LoRA training, evaluation metrics and report.",
+    "Tiny stand-ins: the FLUX.1 base (random weights, real architecture), so synthetic images are noise and "
+    "the v1-vs-v2 verdict exercises the plumbing, not image quality. Captions come from the edit recipes; "
+    "the Qwen-VL judge is off (a random tiny VLM would decide at random).",
+]
 
 
 @dataclass
 class DemoSummary:
     root: Path
-    ingest: IngestResult
+    loop: LoopResult
     status: Status
     notes: list[str] = field(default_factory=list)
 
 
-def run_demo(directory: Path, *, progress: ProgressFn | None = None) -> DemoSummary:
-    """Run (or resume) the demo in ``directory``; re-running continues where it stopped."""
-    # 1. A project for the sample character (kept as it is when it exists: the demo resumes).
+def run_demo(directory: Path, *, progress: ProgressFn | None = None, on_step=None) -> DemoSummary:
+    """Run (or resume) the demo in ``directory``."""
+    # 1. A project for the sample character (an existing one is resumed as it is).
     directory = directory.expanduser().resolve()
+    directory.mkdir(parents=True, exist_ok=True)
     if not (directory / CONFIG_FILENAME).exists():
-        init_project(directory, name=SAMPLE_NAME, trigger=SAMPLE_TRIGGER)
+        (directory / CONFIG_FILENAME).write_text(DEMO_CONFIG.read_text(encoding="utf-8"), encoding="utf-8")
+    # 2. The sample shots, next to the project like a user's own folder of images.
+    write_sample(directory / "sample-sources")
+    # 3. The loop: ingest -> enrich -> caption -> judge -> train v1 -> generate -> ... -> evaluate.
     with open_project(directory) as project:
-        # 2. The sample shots, written next to the project like a user's own folder of images.
-        sources = write_sample(directory / "sample-sources")
-        # 3. Ingest (a no-op when already done).
-        result = ingest(project, [str(p) for p in sources], progress=progress)
+        result = run_loop(project, progress=progress, on_step=on_step)
         status = collect_status(project)
-    notes = [
-        f"Demo project: {directory}",
-        "Sample: 5 crops/flips of skimage's astronaut photo (NASA, public domain), real face detection (dlib).",
-        f"Inspect it: flywheel -C {directory} status",
-    ]
-    return DemoSummary(root=directory, ingest=result, status=status, notes=notes)
+    notes = [f"Demo project: {directory}", *STAND_INS]
+    if result.report:
+        notes.append(f"Evaluation: round 2 vs round 1: {result.verdict.replace('_', ' ')}. Report: {result.report}")
+    notes += [f"Look at it: flywheel -C {directory} status | flywheel -C {directory} review"]
+    return DemoSummary(root=directory, loop=result, status=status, notes=notes)

@@ -12,7 +12,6 @@ are written in one transaction.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import sys
 import time
@@ -216,7 +215,7 @@ def _done_keys(project: Project, keys: list[str]) -> set[str]:
 
 def _start_unit(project: Project, unit: EditUnit, editor: ImageEditor, cfg: EnrichConfig, run_id: int,
                 refs: list[int], batch_size: int) -> int:
-    """The unit's operation row, status 'running': a new row, or the one a failed or killed attempt left."""
+    """The unit's operation row, status 'running' (new, or the one a failed or killed attempt left)."""
     params: dict[str, Any] = {
         "prompt": unit.recipe.full_prompt, "recipe": unit.recipe.id, "axis": unit.recipe.axis,
         "backend": cfg.backend, "source_image_id": unit.source_id, "reference_image_ids": refs,
@@ -226,19 +225,9 @@ def _start_unit(project: Project, unit: EditUnit, editor: ImageEditor, cfg: Enri
         params["caption"] = unit.recipe.caption
     if cfg.backend == "composite":  # the composite editor follows the spec, not the prompt: record it
         params["composite"] = unit.recipe.composite.model_dump(mode="json")
-    catalog = project.catalog
-    with catalog.transaction():
-        row = catalog.query("SELECT id, status FROM operations WHERE work_key = ?", (unit.work_key,))
-        if not row:
-            return catalog.start_operation(STAGE, model=editor.model_id, params=params, seed=unit.seed,
+    # A killed or failed earlier attempt's row is taken over by the catalog: nothing is duplicated.
+    return project.catalog.start_operation(STAGE, model=editor.model_id, params=params, seed=unit.seed,
                                            parent_id=run_id, work_key=unit.work_key)
-        log.info("enrich: redoing %s (previous attempt: %s)", unit.work_key, row[0]["status"])
-        catalog.execute(
-            "UPDATE operations SET status = 'running', model = ?, params_json = ?, seed = ?, parent_id = ?, error = NULL, "
-            "duration_ms = NULL, started_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
-            (editor.model_id, json.dumps(params, sort_keys=True, default=str), unit.seed, run_id, row[0]["id"]),
-        )
-        return int(row[0]["id"])
 
 
 def _fail(project: Project, ops: list[int], t0: float, err: BaseException) -> None:
@@ -255,7 +244,8 @@ def _record(project: Project, unit: EditUnit, op_id: int, out: Image.Image, refs
     with catalog.transaction():
         same = catalog.query("SELECT id FROM images WHERE sha256 = ?", (sha,))
         if same:
-            catalog.finish_operation(op_id, "skipped", ms, f"output identical to image {same[0]['id']}")
+            catalog.finish_operation(op_id, "skipped", ms, f"output identical to image {same[0]['id']}",
+                                     output_image_id=same[0]["id"])
             result.identical += 1
             return
         image_id = catalog.insert("images", {
@@ -265,5 +255,5 @@ def _record(project: Project, unit: EditUnit, op_id: int, out: Image.Image, refs
         catalog.insert("image_parents", {"image_id": image_id, "parent_id": unit.source_id, "role": "source"})
         for ref in refs:
             catalog.insert("image_parents", {"image_id": image_id, "parent_id": ref, "role": "reference"})
-        catalog.finish_operation(op_id, "ok", ms)
+        catalog.finish_operation(op_id, "ok", ms, output_image_id=image_id)
     result.made.append(image_id)

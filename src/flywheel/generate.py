@@ -118,7 +118,7 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
                         "sha256": sha, "pixel_sha256": pixel_sha256(image), "phash": phash_hex(phash(image)),
                         "width": image.width, "height": image.height, "kind": "synthetic", "round": run["round"],
                         "operation_id": op, "purpose": purpose})
-                    cat.finish_operation(op, "ok", ms)
+                    cat.finish_operation(op, "ok", ms, output_image_id=image_id)
                 result.image_ids.append(image_id)
             progress(min(start + cfg.batch_size, len(todo)), len(todo), "images")
     del model

@@ -35,7 +35,9 @@ def collect_status(project: Project) -> Status:
     return Status(
         name=project.config.project.name,
         trigger=project.config.project.trigger,
-        images=[tuple(r) for r in q("SELECT kind, round, COUNT(*) FROM images GROUP BY kind, round ORDER BY round, kind")],
+        images=[tuple(r) for r in q(
+            "SELECT kind || CASE purpose WHEN 'eval' THEN ' (held-out eval)' ELSE '' END, round, COUNT(*) "
+            "FROM images GROUP BY kind, round, purpose ORDER BY round, kind, purpose")],
         captioned=q("SELECT COUNT(DISTINCT image_id) FROM captions")[0][0],
         stages=[tuple(r) for r in q("SELECT stage, status, COUNT(*) FROM operations GROUP BY stage, status ORDER BY stage, status")],
         verdicts=[tuple(r) for r in q(

@@ -129,25 +129,40 @@ class Catalog:
         parent_id: int | None = None,
         work_key: str | None = None,
     ) -> int:
+        """Write the row of a call about to run. With a ``work_key`` whose earlier attempt was killed or
+        failed, that row is taken over (same id, fresh params/status): a resumed unit never duplicates."""
+        row = {
+            "stage": stage,
+            "kind": kind,
+            "model": model,
+            "params_json": json.dumps(params or {}, sort_keys=True, default=str),
+            "seed": seed,
+            "parent_id": parent_id,
+            "work_key": work_key,
+        }
         with self.transaction():
-            return self.insert(
-                "operations",
-                {
-                    "stage": stage,
-                    "kind": kind,
-                    "model": model,
-                    "params_json": json.dumps(params or {}, sort_keys=True, default=str),
-                    "seed": seed,
-                    "parent_id": parent_id,
-                    "work_key": work_key,
-                },
-            )
+            if work_key is not None:
+                prior = self.query("SELECT id, status FROM operations WHERE work_key = ?", (work_key,))
+                if prior:
+                    if prior[0]["status"] in ("ok", "skipped"):
+                        raise CatalogError(f"unit {work_key} is already done (operation {prior[0]['id']})",
+                                           hint="this is a bug in the stage: it must skip finished units")
+                    log.info("catalog: redoing %s (previous attempt: %s)", work_key, prior[0]["status"])
+                    self.execute(
+                        "UPDATE operations SET stage = ?, kind = ?, model = ?, params_json = ?, seed = ?, "
+                        "parent_id = ?, status = 'running', error = NULL, duration_ms = NULL, output_image_id = NULL, "
+                        "started_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+                        (stage, kind, model, row["params_json"], seed, parent_id, prior[0]["id"]),
+                    )
+                    return int(prior[0]["id"])
+            return self.insert("operations", row)
 
-    def finish_operation(self, op_id: int, status: str, duration_ms: int, error: str | None = None) -> None:
+    def finish_operation(self, op_id: int, status: str, duration_ms: int, error: str | None = None, *,
+                         output_image_id: int | None = None) -> None:
         with self.transaction():
             self.execute(
-                "UPDATE operations SET status = ?, duration_ms = ?, error = ? WHERE id = ?",
-                (status, duration_ms, error, op_id),
+                "UPDATE operations SET status = ?, duration_ms = ?, error = ?, output_image_id = ? WHERE id = ?",
+                (status, duration_ms, error, output_image_id, op_id),
             )
 
     @contextmanager

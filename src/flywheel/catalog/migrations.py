@@ -191,3 +191,39 @@ migration(
 ALTER TABLE images ADD COLUMN purpose TEXT NOT NULL DEFAULT 'train' CHECK (purpose IN ('train', 'eval'));
 """,
 )
+
+
+migration(
+    "m003_judge_adapters",
+    """
+-- Every judge fine-tuning attempt (flywheel tune-judge): a LoRA on the judge VLM learned from human reviews.
+-- The active judge adapter for a base model is its newest promoted row; attempts that did not beat the
+-- judge before them stay here (with their held-out metrics) but are never used.
+CREATE TABLE judge_adapters (
+    id            INTEGER PRIMARY KEY,
+    base_model    TEXT NOT NULL,               -- the judge VLM the adapter was trained on (preset, folder or hub id)
+    path          TEXT NOT NULL,               -- adapter folder, relative to the project's .flywheel/ folder
+    data_hash     TEXT NOT NULL,               -- sha256 of the SFT examples (image sha, decision, reason, prompt)
+    config_json   TEXT NOT NULL DEFAULT '{}',  -- [tune_judge] settings, split, class balance
+    metrics_json  TEXT NOT NULL DEFAULT '{}',  -- held-out agreement before / after / of the incumbent, losses
+    status        TEXT NOT NULL DEFAULT 'running' CHECK (status IN ('running', 'ok', 'failed')),
+    promoted      INTEGER NOT NULL DEFAULT 0 CHECK (promoted IN (0, 1)),
+    operation_id  INTEGER REFERENCES operations(id),
+    created_at    TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    finished_at   TEXT
+);
+CREATE INDEX judge_adapters_base ON judge_adapters(base_model, promoted);
+""",
+)
+
+
+migration(
+    "m004_operation_output",
+    """
+-- The image an operation produced. images.operation_id names only the FIRST producer of a picture (the
+-- store is content-addressed); when a later call yields the same pixels (e.g. two LoRA rounds rendering
+-- one held-out prompt identically), this column still links that call to its output.
+ALTER TABLE operations ADD COLUMN output_image_id INTEGER REFERENCES images(id);
+CREATE INDEX operations_output ON operations(output_image_id);
+""",
+)
