@@ -11,10 +11,17 @@ reference measured in the same run.
   or fp8 frozen base (``flywheel.training.fp8``: fp8 matmuls, or ``--fp8-storage-only``), fp32 or bf16
   LoRA, with block checkpointing on every N-th block (``--ckpt-every``, 0 = none) and optionally
   ``torch.compile`` per block. ``--micro`` first times single FLUX-sized layers, bf16 against fp8.
+``--lowvram`` instead times ``flywheel train``'s low-VRAM options against its bf16 base in one run: the
+frozen base as bf16, fp8 (flywheel.training.fp8, what quantize_base = "fp8" does), torchao float8
+weight-only (for comparison), torchao int8 and bitsandbytes NF4 (``flywheel.training.quantize``, the code
+``flywheel train`` runs), and NF4 with bitsandbytes' AdamW8bit; fp32 LoRA, checkpointing on every block.
+It first prints each option's error against bf16 on one FLUX-sized layer.
 Results and what they mean: docs/training.md.
 
     python benchmarks/train_step.py                 # GPU, full size
+    python benchmarks/train_step.py --lowvram --res 1024 --warmup 2 --steps 5
     python benchmarks/train_step.py --tiny --device cpu --steps 2   # dry run of the code paths
+    python benchmarks/train_step.py --tiny --device cpu --steps 2 --lowvram
 """
 
 from __future__ import annotations
@@ -183,6 +190,7 @@ def main() -> None:
     ap.add_argument("--fp8-bf16-backward", action="store_true", help="input gradient in bf16 (default: fp8)")
     ap.add_argument("--fp8-storage-only", action="store_true", help="fp8 weights, bf16 matmuls")
     ap.add_argument("--profile", action="store_true", help="also print each variant's GPU kernel time per step")
+    ap.add_argument("--lowvram", action="store_true", help="only the quantize_base / adamw8bit table")
     args = ap.parse_args()
     global PROFILE
     PROFILE = args.profile
@@ -192,6 +200,9 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     res_list = [r if not args.tiny else 64 for r in args.res]
+    if args.lowvram:
+        lowvram(cfg, dev, res_list[0], args.steps, args.warmup)
+        return
     # 0. fp8 layer sanity: forward and input-gradient error against bf16 on a FLUX-sized layer.
     lin = torch.nn.Linear(3072, 3072, device=dev, dtype=torch.bfloat16).requires_grad_(False)
     x = torch.randn(4096, 3072, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -253,6 +264,81 @@ def main() -> None:
         del tr, params, opt
         free()
 
+
+
+LOWVRAM = [("bf16", "none", "adamw"), ("fp8 (flywheel)", "fp8", "adamw"), ("fp8 (torchao)", "fp8-torchao", "adamw"),
+           ("int8 (torchao)", "int8", "adamw"), ("nf4 (bitsandbytes)", "nf4", "adamw"),
+           ("nf4 + AdamW8bit", "nf4", "adamw8bit")]
+
+
+def lowvram(cfg: dict, dev: str, res: int, steps: int, warmup: int) -> None:
+    """Each quantize_base option as flywheel train applies it; the bf16 base is the baseline of this run."""
+    import torch
+
+    from flywheel.training import quantize
+    from flywheel.training.flux_step import train_step
+
+    # 0. Accuracy: one FLUX-sized layer (3072 -> 3072 at full size), output and input gradient vs bf16.
+    k = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    torch.manual_seed(0)
+    x = torch.randn(4096, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    lin = torch.nn.Linear(k, k, device=dev, dtype=torch.bfloat16).requires_grad_(False)
+    ref = lin(x)
+    (gref,) = torch.autograd.grad(ref.float().pow(2).sum(), x)
+    rel = lambda a, b: float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())  # noqa: E731
+    for _, mode, _ in LOWVRAM[1:5]:
+        try:
+            holder = torch.nn.Sequential(torch.nn.Linear(k, k, device=dev, dtype=torch.bfloat16).requires_grad_(False))
+            holder[0].load_state_dict(lin.state_dict())
+            quantize.quantize_linears(holder, mode)
+            out = holder(x)
+            (g,) = torch.autograd.grad(out.float().pow(2).sum(), x)
+            print(f"layer {k}x{k} {mode:12s} vs bf16: output rel. error {rel(out, ref):.4f}, "
+                  f"input grad {rel(g, gref):.4f}", flush=True)
+        except Exception as err:  # noqa: BLE001 - a benchmark row records the failure and goes on
+            print(f"layer {mode:12s} FAILED: {type(err).__name__}: {err}", flush=True)
+    del x, lin, ref, gref
+    free()
+
+    base = None
+    for name, mode, optim in LOWVRAM:
+        tr = opt = params = None
+        try:
+            t0 = time.perf_counter()
+            torch.manual_seed(0)
+            torch.set_default_dtype(torch.bfloat16)
+            try:
+                with torch.device(dev):
+                    tr = __import__("diffusers").FluxTransformer2DModel(**cfg)
+            finally:
+                torch.set_default_dtype(torch.float32)
+            tr.requires_grad_(False)
+            # The order flywheel train uses: int8 / nf4 before the LoRA, fp8 after it.
+            if mode in quantize.BEFORE_LORA:
+                quantize.quantize_base(tr, mode, dev)
+            tr.add_adapter(__import__("peft").LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                                         target_modules=TARGETS))
+            if mode == "fp8":
+                quantize.quantize_base(tr, mode, dev)
+            params = [p for p in tr.parameters() if p.requires_grad]
+            for p in params:
+                p.data = p.data.float()
+            tr.enable_gradient_checkpointing()
+            tr.train()
+            free()
+            setup = time.perf_counter() - t0
+            opt = (__import__("bitsandbytes").optim.AdamW8bit(params, lr=1e-4) if optim == "adamw8bit"
+                   else torch.optim.AdamW(params, lr=1e-4))
+            gen = torch.Generator().manual_seed(0)
+            batch = inputs(cfg, res, dev)
+            dt, peak = measure(lambda: train_step(tr, opt, batch, gen, params=params), dev, steps, warmup)
+            base = base or (dt, peak)
+            print(f"{name:22s} {res:5d}² ckpt  {dt:7.3f} s/step ({dt / base[0]:4.2f}x bf16)  peak {peak:6.1f} GiB "
+                  f"({peak / base[1]:4.2f}x)  setup {setup:5.1f} s", flush=True)
+        except Exception as err:  # noqa: BLE001 - one failing option must not cost the others' numbers
+            print(f"{name:22s} FAILED: {type(err).__name__}: {str(err)[:400]}", flush=True)
+        del tr, opt, params
+        free()
 
 
 def run_reference(args, cfg, dev, res_list, report) -> None:

@@ -112,7 +112,7 @@ def test_loss_goes_down_and_lora_loads_in_stock_pipeline(dataset_project, tiny_c
     assert run["status"] == "ok" and run["round"] == 1 and run["finished_at"]
     kinds = {r["kind"] for r in dataset_project.catalog.query(
         "SELECT kind FROM artifacts WHERE lora_run_id = ?", (result.run_id,))}
-    assert {"lora", "lora_kohya", "config", "loss_curve", "sample"} <= kinds
+    assert {"lora", "lora_kohya", "config", "loss_csv", "loss_curve", "sample"} <= kinds
     assert (result.run_dir / "loss.csv").read_text().count("\n") == 41
     members = dataset_project.catalog.query("SELECT COUNT(*) AS n FROM dataset_members WHERE dataset_id = ?",
                                             (run["dataset_id"],))[0]["n"]
@@ -197,3 +197,88 @@ def test_fp8_base_and_partial_checkpointing(dataset_project, tiny_cfg):
     ckpt = train(dataset_project, cfg.model_copy(update={"gradient_checkpointing": True, "checkpoint_every_n_blocks": 2}),
                  dataset_version=plain.dataset_version)
     assert np.allclose(ckpt.losses, plain.losses, rtol=1e-5)
+
+
+def test_loss_curve_png_is_saved_beside_the_csv_and_recorded(dataset_project, tiny_cfg):
+    from flywheel.train import train
+
+    result = train(dataset_project, tiny_cfg.model_copy(update={"steps": 3, "sample_prompts": []}))
+    rows = {r["kind"]: r for r in dataset_project.catalog.query(
+        "SELECT kind, path, sha256, step FROM artifacts WHERE lora_run_id = ?", (result.run_id,))}
+    assert rows["loss_curve"]["path"] == f"runs/run-{result.run_id:04d}/loss.png" and rows["loss_curve"]["step"] == 3
+    assert rows["loss_csv"]["path"] == f"runs/run-{result.run_id:04d}/loss.csv"
+    png = result.run_dir / "loss.png"
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (800, 450)
+        pixels = np.asarray(im.convert("RGB"))
+    # Something was drawn in the loss colour (matplotlib's tab:blue), not only axes on white.
+    blue = (np.abs(pixels.astype(int) - [31, 119, 180]).sum(-1) < 60).sum()
+    assert blue > 100
+    import hashlib
+
+    assert rows["loss_curve"]["sha256"] == hashlib.sha256(png.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("mode, library", [("int8", "torchao"), ("nf4", "bitsandbytes")])
+def test_int8_and_nf4_need_cuda_and_say_what_to_do(dataset_project, tiny_cfg, mode, library):
+    from flywheel.errors import StageError
+    from flywheel.train import train
+
+    with pytest.raises(StageError, match=f"quantize_base = '{mode}' needs a CUDA GPU") as err:
+        train(dataset_project, tiny_cfg.model_copy(update={"quantize_base": mode}), device="cpu")
+    assert "'fp8'" in err.value.hint and "'none'" in err.value.hint
+    # Refused before anything was recorded or loaded.
+    assert dataset_project.catalog.query("SELECT COUNT(*) AS n FROM lora_runs")[0]["n"] == 0
+
+
+def test_missing_low_vram_libraries_name_the_extra(monkeypatch):
+    import sys
+
+    from flywheel.errors import MissingExtraError
+    from flywheel.train import _check_runnable
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    for update, package in [({"quantize_base": "int8"}, "torchao"), ({"quantize_base": "nf4"}, "bitsandbytes"),
+                            ({"optimizer": "adamw8bit"}, "bitsandbytes")]:
+        with pytest.raises(MissingExtraError, match=f"'{package}'") as err:
+            _check_runnable(TrainConfig(**update), "cuda")
+        assert "character-flywheel[lowvram]" in err.value.hint
+    _check_runnable(TrainConfig(quantize_base="fp8"), "cpu")  # fp8 needs neither a GPU nor a library
+
+
+@pytest.mark.parametrize("mode, library, layer", [("int8", "torchao", "TorchaoLoraLinear"),
+                                                  ("nf4", "bitsandbytes", "Linear4bit")])
+def test_int8_and_nf4_bases_train_under_peft(dataset_project, tiny_cfg, monkeypatch, mode, library, layer):
+    """The library path end to end (where the library is installed): quantized before the LoRA, wrapped by
+    peft's layer for it, trained, exported. Run on the CPU by lifting the CUDA requirement."""
+    pytest.importorskip(library)
+    from safetensors.torch import load_file
+
+    from flywheel.train import train
+    from flywheel.training import quantize
+
+    monkeypatch.setattr(quantize, "check_quantize_support", lambda mode, device: None)
+    seen = {}
+    real = quantize.quantize_base
+
+    def spy(transformer, m, device):
+        n = real(transformer, m, device)
+        seen["n"], seen["transformer"] = n, transformer
+        return n
+
+    monkeypatch.setattr(quantize, "quantize_base", spy)
+    cfg = tiny_cfg.model_copy(update={"steps": 4, "caption_dropout": 0.0})
+    plain = train(dataset_project, cfg)
+    # No final sample for nf4 here: bitsandbytes' CPU inference path repacks 4-bit weights into a layout
+    # that needs real layer sizes (tiny FLUX's 32 features fail); CUDA uses other kernels.
+    quant = train(dataset_project, cfg.model_copy(update={"quantize_base": mode, "sample_prompts": (
+        [] if mode == "nf4" else cfg.sample_prompts)}), dataset_version=plain.dataset_version)
+    tr = seen["transformer"]
+    assert seen["n"] == 14 + 6  # tiny FLUX: every Linear of its one double (14) and one single (6) block
+    assert type(tr.transformer_blocks[0].attn.to_q).__name__ == layer
+    assert all(np.isfinite(quant.losses))
+    # Weight rounding changes the losses a little (nf4's 4 bits more than int8's 8), not their scale.
+    assert np.allclose(quant.losses, plain.losses, rtol=0.15 if mode == "nf4" else 0.02)
+    a, b = load_file(str(plain.lora_path)), load_file(str(quant.lora_path))
+    assert a.keys() == b.keys()

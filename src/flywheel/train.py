@@ -9,12 +9,12 @@ state is checkpointed, so ``resume`` continues exactly where the run stopped.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,8 @@ from flywheel.dataset import freeze_dataset, load_dataset
 from flywheel.errors import MissingExtraError, StageError
 from flywheel.progress import ProgressFn, no_progress
 from flywheel.training import buckets as bk
-from flywheel.training import caching, checkpoint, lora_io
+from flywheel.training import caching, checkpoint, lora_io, quantize
+from flywheel.training import losses as losses_io
 from flywheel.training.flux_step import Batch, checkpoint_blocks, train_step
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,10 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
         ds = load_dataset(project, cat.query("SELECT version FROM dataset_versions WHERE id = ?",
                                              (run["dataset_id"],))[0]["version"])
         run_id, base = run["id"], run["base_model"]
+        _check_runnable(cfg, device)
     else:
         cfg = cfg or project.config.train
+        _check_runnable(cfg, device)  # before the run is recorded and minutes of loading
         base = base_model_folder(cfg, project.config.models.base)
         ds = load_dataset(project, dataset_version) if dataset_version else freeze_dataset(project, _next_round(cat))
         with cat.transaction():
@@ -128,18 +131,20 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
                               max_sequence_length=cfg.max_sequence_length)
     caching.release(pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
 
-    # 4. LoRA, optimizer, schedule, generator; restore them all from the last checkpoint when resuming.
-    transformer = pipe.transformer.to(device)
-    if cfg.quantize_base in ("int8", "nf4"):
-        _quantize_base(transformer, cfg.quantize_base)
+    # 4. LoRA on the frozen base (quantized block by block on its way to the GPU: int8 / nf4 before the
+    #    LoRA, so peft wraps the quantized layers; fp8 after it), optimizer, schedule, generator; restore
+    #    them all from the last checkpoint when resuming.
+    transformer = pipe.transformer
+    if cfg.quantize_base in quantize.BEFORE_LORA:
+        quantize.quantize_base(transformer, cfg.quantize_base, device)
     torch.manual_seed(cfg.seed)
-    transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                       target_modules=cfg.target_modules))
-    if cfg.quantize_base == "fp8":  # after the LoRA: only frozen base Linears become fp8
-        from flywheel.training.fp8 import convert_to_fp8
-
-        # storage only: fp8 matmuls measured no faster than bf16 here (docs/training.md), and less exact
-        convert_to_fp8(transformer, rowwise=True, fp8_compute=False)
+    with warnings.catch_warnings():  # peft: torchao layers cannot merge without their config; we never merge
+        warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
+        transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                           target_modules=cfg.target_modules))
+    if cfg.quantize_base == "fp8":
+        quantize.quantize_base(transformer, "fp8", device)
+    transformer.to(device)
     named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
     for p in named.values():
         p.data = p.data.float()  # LoRA weights and optimizer state in fp32, the frozen base in bf16
@@ -204,11 +209,10 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
                 "trigger": trigger, "lora_run_id": run_id, "device": device, "dtype": str(dtype)}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
     _artifact(project, "config", run_dir / "config.json", run_id, step)
-    with open(run_dir / "loss.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "epoch"])
-        w.writeheader()
-        w.writerows(losses)
-    _artifact(project, "loss_curve", run_dir / "loss.csv", run_id, step)
+    _artifact(project, "loss_csv", losses_io.save_csv(losses, run_dir / "loss.csv"), run_id, step)
+    png = losses_io.plot(losses, run_dir / "loss.png", title=f"LoRA run {run_id} (dataset v{ds.version})")
+    if png is not None:
+        _artifact(project, "loss_curve", png, run_id, step)
     return [r["loss"] for r in losses]
 
 
@@ -237,32 +241,26 @@ def _lr_lambda(cfg: TrainConfig):
     return factor
 
 
+def _check_runnable(cfg: TrainConfig, device: str | None) -> None:
+    """Options that need a GPU or an optional library fail here, with what to do, not after the loading."""
+    from flywheel.models.flux import _device_dtype
+
+    quantize.check_quantize_support(cfg.quantize_base, _device_dtype(device, None)[0])
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise MissingExtraError("bitsandbytes", "lowvram", "[train] optimizer = 'adamw8bit'") from None
+
+
 def _optimizer(cfg: TrainConfig, params: list):
     import torch
 
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise MissingExtraError("bitsandbytes", "gpu", "train.optimizer = 'adamw8bit'") from None
+    if cfg.optimizer == "adamw8bit":  # bitsandbytes' presence was checked by _check_runnable
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-
-
-def _quantize_base(transformer, mode: str) -> None:
-    """int8 / int4 weight-only frozen base via torchao (before the LoRA is added). fp8 is flywheel.training.fp8."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise StageError(f"train.quantize_base = {mode!r} needs a CUDA GPU", hint="use quantize_base = 'none' on CPU")
-    try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-    except ImportError:
-        raise MissingExtraError("torchao", "gpu", f"train.quantize_base = {mode!r}") from None
-    config = {"int8": Int8WeightOnlyConfig, "nf4": Int4WeightOnlyConfig}[mode]()
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-    for block in blocks:
-        quantize_(block, config)
 
 
 def _samples(project, pipe, transformer, cfg: TrainConfig, text: dict, prompts: list[str], run_id: int,
