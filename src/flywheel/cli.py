@@ -64,7 +64,25 @@ def main(ctx: click.Context, project_dir: Path | None, verbose: int) -> None:
 
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)], force=True)
+    if verbose == 0:
+        _quiet_libraries()
     ctx.obj = {"project_dir": project_dir}
+
+
+# Libraries that log expected, unactionable warnings at import or load time (optional kernels missing,
+# LoRA files without text-encoder keys, ...). Flywheel's own warnings stay; -v shows everything.
+NOISY_LIBRARIES = ("diffusers", "transformers", "torchao", "bitsandbytes", "accelerate", "peft", "torch",
+                   "torch.utils._pytree", "absl")
+
+
+def _quiet_libraries() -> None:
+    import os
+
+    # diffusers / transformers set their level from these at first import, so set them before that.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in NOISY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _open(ctx: click.Context):
