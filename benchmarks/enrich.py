@@ -135,12 +135,14 @@ def run(backend: str, args) -> dict:
         with open_project(root) as project:
             ingest(project, [str(p) for p in sources])
             cfg = EnrichConfig(backend="flux-kontext" if backend == "kontext" else "qwen-image-edit",
-                               recipes=RECIPES[: args.recipes], seeds=1, references=2 if backend == "qwen" else 0)
+                               recipes=RECIPES[: args.recipes], seeds=1,
+                               references=args.references if backend == "qwen" else 0)
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            result = enrich(project, cfg, editor=editor)
+            result = enrich(project, cfg, editor=editor, progress=lambda done, total, label="": print(
+                f"  {backend}: {done}/{total} {label} at {time.perf_counter() - t0:.1f} s", flush=True))
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
@@ -149,7 +151,7 @@ def run(backend: str, args) -> dict:
     edits = len(result.made) + result.identical
     after_first = ms[1:] or ms
     out = {
-        "backend": backend, "edits": edits, "failed": len(result.failed), "build_s": round(build_s, 1),
+        "backend": backend, "references": cfg.references, "edits": edits, "failed": len(result.failed), "build_s": round(build_s, 1),
         "wall_s": round(wall, 1), "s_per_edit": round(sum(after_first) / len(after_first) / 1000, 2),
         "first_edit_s": round(ms[0] / 1000, 2) if ms else None, "settings": editor.params(),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.startswith("cuda") else None,
@@ -172,6 +174,7 @@ def main() -> None:
     p.add_argument("--recipes", type=int, default=5)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the backend's stock)")
     p.add_argument("--true-cfg", type=float, default=None, help="Qwen-Image-Edit true CFG (1 = off)")
+    p.add_argument("--references", type=int, default=2, help="other sources given to Qwen-Image-Edit per edit")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.device.startswith("cuda"):
