@@ -81,6 +81,9 @@ def _quiet_libraries() -> None:
     # diffusers / transformers set their level from these at first import, so set them before that.
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also the weight-loading bars
+    os.environ.setdefault("GLOG_minloglevel", "2")  # mediapipe's native (absl/glog) start-up lines
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for name in NOISY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
 

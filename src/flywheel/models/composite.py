@@ -20,11 +20,7 @@ Every random choice (scene layout, small parameter jitter) comes from the reques
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import cv2
@@ -36,6 +32,7 @@ from flywheel.models.base import EditRequest
 from flywheel.models.composite_scenes import draw_scene
 from flywheel.models.composite_styles import stylize
 from flywheel.recipes import BackgroundSpec, CameraSpec, LightingSpec, Recipe, StyleSpec
+from flywheel.signals.segmentation import selfie_segmenter
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +61,9 @@ class CompositeEditor:
         return [self._edit_one(r) for r in requests]
 
     def close(self) -> None:
-        if self._segmenter is not None:
-            self._segmenter.close()
-            self._segmenter = None
+        # The segmenter is the process-wide one (flywheel.signals.segmentation), shared with the judge's
+        # change signal: drop the reference, never close it.
+        self._segmenter = None
 
     # -- one request --------------------------------------------------------------------------------
     def _edit_one(self, request: EditRequest) -> Image.Image:
@@ -96,16 +93,7 @@ class CompositeEditor:
     def subject_mask(self, rgb: np.ndarray) -> np.ndarray:
         """Feathered person mask in [0, 1] (float32, HxW) from mediapipe selfie segmentation."""
         if self._segmenter is None:
-            try:
-                import mediapipe as mp
-            except ImportError as err:
-                from flywheel.errors import MissingExtraError
-
-                raise MissingExtraError("mediapipe", "composite", "The composite editor") from err
-            with _native_output_silenced():
-                self._segmenter = mp.solutions.selfie_segmentation.SelfieSegmentation(
-                    model_selection=self.segmentation_model)
-                self._segmenter.process(np.zeros((64, 64, 3), np.uint8))  # the first call logs too
+            self._segmenter = selfie_segmenter(self.segmentation_model)
         u8 = np.ascontiguousarray((rgb * 255).astype(np.uint8))
         raw = self._segmenter.process(u8).segmentation_mask.astype(np.float32)
         s = max(rgb.shape[:2]) / 512
@@ -225,31 +213,6 @@ class CompositeEditor:
             return None
         x, y, fw, fh = max(found, key=lambda b: b[2] * b[3])
         return x + fw / 2, y + fh / 2
-
-
-@contextmanager
-def _native_output_silenced() -> Iterator[None]:
-    """Hide the TFLite/absl lines mediapipe's C++ prints on first use (they break the progress bar).
-
-    They go through C stdio, so the C buffers are flushed before the real fds 1 and 2 come back.
-    """
-    import ctypes
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    try:
-        with open(os.devnull, "w") as null:
-            for fd in saved:
-                os.dup2(null.fileno(), fd)
-            try:
-                yield
-            finally:
-                ctypes.CDLL(None).fflush(None)
-    finally:
-        for fd, copy in saved.items():
-            os.dup2(copy, fd)
-            os.close(copy)
 
 
 def harmonize(rgb: np.ndarray, scene: np.ndarray, alpha: np.ndarray, strength: float) -> np.ndarray:

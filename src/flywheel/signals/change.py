@@ -12,7 +12,6 @@ recorded in ``mask`` so a score can always be traced to how it was computed.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import asdict, dataclass
 
@@ -59,15 +58,16 @@ def centre_prior(height: int, width: int) -> np.ndarray:
     return ((yy - cy) / (0.42 * height)) ** 2 + ((xx - cx) / (0.34 * width)) ** 2 <= 1.0
 
 
-@functools.lru_cache(maxsize=1)
 def _selfie_segmenter():
-    """The mediapipe segmenter, or None when mediapipe is not installed (the centre prior is used)."""
+    """The shared mediapipe segmenter, or None when mediapipe is not installed (the centre prior is used)."""
+    from flywheel.errors import MissingExtraError
+    from flywheel.signals.segmentation import selfie_segmenter
+
     try:
-        import mediapipe as mp
-    except ImportError:
+        return selfie_segmenter(0)
+    except MissingExtraError:
         log.info("mediapipe is not installed: subject/background change uses a centre prior")
         return None
-    return mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
 
 
 def person_mask(image: Image.Image, size: tuple[int, int]) -> tuple[np.ndarray, str]:
