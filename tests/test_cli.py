@@ -65,3 +65,11 @@ def test_demo_runs_the_whole_loop_and_a_rerun_adds_nothing(tmp_path):
     res = runner.invoke(main, ["demo", str(tmp_path / "demo")])
     assert res.exit_code == 0, res.output
     assert counts() == before
+
+    # An explicit evaluate recomputes (the held-out renders are reused, not regenerated).
+    res = runner.invoke(main, ["-C", str(tmp_path / "demo"), "evaluate", "--baseline", "1", "--candidate", "2"])
+    assert res.exit_code == 0, res.output
+    assert "Run 2 vs run 1: no significant change on recognisable" in res.output and "Report: " in res.output
+    assert counts() == {**before, "evaluations": 2}
+    res = runner.invoke(main, ["-C", str(tmp_path / "demo"), "evaluate", "--baseline", "7"])
+    assert res.exit_code == 1 and "LoRA run 7 is not a finished run" in res.output

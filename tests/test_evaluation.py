@@ -63,6 +63,7 @@ def test_report_is_self_contained_with_verdict(rounds, tmp_path):
     index = write_report(tmp_path / "report", v1, v2, comps, "recognisable")
     page = index.read_text()
     assert "<b>better</b>" in page and "0.000 → 1.000" in page
+    assert "70% bar: v1 0% (missed), v2 100% (met)" in page
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["verdict"] == "better" and metrics["comparisons"]["recognisable"]["ci95"][0] > 0
     for rel in ["plots/metrics.png", "plots/composition.png", "images/v1/000.jpg", "images/v2/004.jpg"]:

@@ -15,6 +15,8 @@ from pathlib import Path
 from flywheel.evaluation.metrics import METRICS, EvalImage
 from flywheel.evaluation.stats import Comparison
 
+RECOGNISABLE_BAR = 0.70  # the original plan: "Character recognizable in 70%+ of outputs"
+
 VERDICT_TEXT = {
     "better": "better",
     "worse": "worse",
@@ -129,6 +131,12 @@ def _page(title, baseline, candidate, comparisons, primary, verdict, plots, grid
                 f"<b>{VERDICT_TEXT[verdict]}</b> on {e(METRICS[primary][1].lower())}"
                 + (f": {_fmt(c.baseline)} → {_fmt(c.candidate)}, improvement {_fmt(c.difference)} "
                    f"(95% bootstrap interval {_fmt(c.low)} to {_fmt(c.high)}, {c.n} paired prompts×seeds)</p>" if c else "</p>"))
+    bar = ""
+    if "recognisable" in comparisons:  # the original plan's success bar: the character recognisable in 70%+
+        r = comparisons["recognisable"]
+        bar = "<p>Recognisable share vs the plan's 70% bar: " + ", ".join(
+            f"{e(lbl)} {v:.0%} ({'met' if v >= RECOGNISABLE_BAR else 'missed'})"
+            for lbl, v in ((baseline.label, r.baseline), (candidate.label, r.candidate)) if math.isfinite(v)) + "</p>"
     rows = "".join(
         f"<tr><td>{e(METRICS[m][1])}</td><td>{_fmt(x.baseline)}</td><td>{_fmt(x.candidate)}</td>"
         f"<td>{_fmt(x.difference)}</td><td>[{_fmt(x.low)}, {_fmt(x.high)}]</td><td>{VERDICT_TEXT[x.verdict]}</td></tr>"
@@ -144,7 +152,7 @@ def _page(title, baseline, candidate, comparisons, primary, verdict, plots, grid
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}
 .verdict{{font-size:20px;padding:10px;border-radius:6px;background:#eef}}.better{{background:#e3f6e3}}.worse{{background:#fbe3e3}}
 .grid{{display:flex;flex-wrap:wrap;gap:8px}}figure{{margin:0;width:200px;font-size:12px}}figure img{{width:200px}}
-</style></head><body><h1>{e(title)}</h1>{headline}
+</style></head><body><h1>{e(title)}</h1>{headline}{bar}
 <p>Improvement is candidate minus baseline, sign-flipped for metrics where lower is better, so positive always
 means the candidate is better. Intervals: paired bootstrap over (prompt, seed) pairs.</p>
 <table><tr><th>metric</th><th>{e(baseline.label)}</th><th>{e(candidate.label)}</th><th>improvement</th><th>95% interval</th><th>verdict</th></tr>{rows}</table>
