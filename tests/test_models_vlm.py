@@ -30,15 +30,19 @@ def test_tiny_vlm_loads_from_folder_and_generates(tiny_vlm):
     assert params["device"] == "cpu" and params["dtype"] == "torch.float32" and params["quantization"] == "none"
 
 
-def test_qwen2_5_vl_variant_loads_through_the_same_loader(tmp_path):
+@pytest.mark.parametrize("variant, cls", [("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+                                          ("qwen3_vl", "Qwen3VLForConditionalGeneration")])
+def test_newer_qwen_vl_families_load_through_the_same_adapter(tmp_path, variant, cls):
     from flywheel.testing.tiny.vlm import build_tiny_qwen2_vl
 
-    folder = build_tiny_qwen2_vl(tmp_path / "q25", "qwen2_5_vl")
+    folder = build_tiny_qwen2_vl(tmp_path / variant, variant)
     vlm = load_vlm(str(folder))
-    assert type(vlm.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    assert len(vlm.generate(_requests()[:1], max_new_tokens=3)) == 1
-    probs = vlm.option_probabilities(_requests()[:1], ["yes", "no"])[0]
-    assert probs["yes"] + probs["no"] == pytest.approx(1.0)
+    assert type(vlm.model).__name__ == cls
+    reqs = _requests()
+    batched = vlm.generate(reqs, max_new_tokens=4)
+    assert batched == [vlm.generate([r], max_new_tokens=4)[0] for r in reqs]  # left padding holds here too
+    for probs in vlm.option_probabilities(reqs, ["yes", "no"]):
+        assert probs["yes"] + probs["no"] == pytest.approx(1.0)
 
 
 def test_batched_generation_equals_one_request_at_a_time(tiny_vlm):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("qwen2_vl", "qwen2_5_vl")
+VARIANTS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def build_tiny_qwen2_vl(folder: str | Path, variant: str = "qwen2_vl", *, seed: int = 0) -> Path:
@@ -48,6 +48,21 @@ def build_tiny_qwen2_vl(folder: str | Path, variant: str = "qwen2_vl", *, seed: 
                       spatial_merge_size=2, temporal_patch_size=2)
         model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **special))
         processor = Qwen2VLProcessor(image_processor=image_proc, tokenizer=tok, video_processor=video_proc,
+                                     chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    elif variant == "qwen3_vl":
+        from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
+                                  Qwen3VLVideoProcessor)
+
+        # Qwen3-VL: 16 px patches, a learned position grid and deepstack features from inner vision blocks.
+        image_proc = Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, size=pixel_limits)
+        video_proc = Qwen3VLVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, size=pixel_limits)
+        text3 = {**text, "head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                             "mrope_section": [4, 2, 2], "mrope_interleaved": True}}
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text3, vision_config=vision, **special))
+        processor = Qwen3VLProcessor(image_processor=image_proc, tokenizer=tok, video_processor=video_proc,
                                      chat_template=QWEN2_VL_CHAT_TEMPLATE)
     else:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
