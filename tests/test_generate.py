@@ -59,3 +59,39 @@ def test_generate_records_each_image_and_resumes(project, tiny_flux_dir):
     assert len({r["sha256"] for r in rows}) == 4  # different seeds, different images
     again = generate(project, cfg)  # everything is done already: nothing is redone
     assert again.image_ids == [] and again.skipped == 4
+
+
+def test_a_run_killed_mid_batch_resumes_to_the_same_pixels(tmp_path, tiny_flux_dir):
+    """The batch is re-rendered whole on resume: a smaller batch would change the last bits of the pixels."""
+    from flywheel.project import init_project, open_project
+
+    cfg = GenerateConfig(prompts=3, seeds_per_prompt=1, width=64, height=64, steps=2, max_sequence_length=32,
+                         batch_size=3)
+
+    def synthetic(project):
+        return sorted(r[0] for r in project.catalog.query("SELECT sha256 FROM images WHERE kind = 'synthetic'"))
+
+    init_project(tmp_path / "a", name="A", trigger="fw_test")
+    with open_project(tmp_path / "a") as project:
+        _trained_project(project, tiny_flux_dir)
+        generate(project, cfg)
+        expected = synthetic(project)
+    init_project(tmp_path / "b", name="B", trigger="fw_test")
+    with open_project(tmp_path / "b") as project:
+        _trained_project(project, tiny_flux_dir)
+        real_finish, calls = project.catalog.finish_operation, []
+
+        def killed_after_first_image(op_id, status, *args, **kwargs):
+            calls.append(op_id)
+            if len(calls) == 2:  # the second image of the batch is being recorded: the process dies
+                raise KeyboardInterrupt
+            return real_finish(op_id, status, *args, **kwargs)
+
+        project.catalog.finish_operation = killed_after_first_image
+        with pytest.raises(KeyboardInterrupt):
+            generate(project, cfg)
+        project.catalog.finish_operation = real_finish
+        assert len(synthetic(project)) == 1
+        resumed = generate(project, cfg)
+        assert (len(resumed.image_ids), resumed.skipped) == (2, 1)
+        assert synthetic(project) == expected

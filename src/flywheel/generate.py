@@ -74,18 +74,23 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
     settings = {"width": cfg.width, "height": cfg.height, "num_inference_steps": cfg.steps,
                 "guidance_scale": cfg.guidance, "max_sequence_length": cfg.max_sequence_length,
                 "lora_scale": cfg.lora_scale}
-    todo = []
+    plan = []
     for prompt in prompt_bank(project.config.project.trigger, cfg):
         for j in range(cfg.seeds_per_prompt):
             seed = cfg.seed + j
             key = f"{stage}:" + hashlib.sha256(
                 f"{run['id']}|{prompt}|{seed}|{sorted(settings.items())}".encode()).hexdigest()[:32]
-            todo.append((prompt, seed, key))
+            plan.append((prompt, seed, key))
     done = {r["work_key"] for r in cat.query("SELECT work_key FROM operations WHERE stage = ? AND status = 'ok'"
                                              " AND work_key LIKE ?", (stage, f"{stage}:%"))}
-    result = GenerateResult(round=run["round"], lora_run_id=run["id"], skipped=sum(k in done for _, _, k in todo))
-    todo = [t for t in todo if t[2] not in done]
-    if not todo:
+    result = GenerateResult(round=run["round"], lora_run_id=run["id"], skipped=sum(k in done for _, _, k in plan))
+    # Batches are fixed slices of the whole plan, and one that an interrupted run finished only in part is
+    # rendered whole again: batched and single renders differ in the last bits, so only the same batches
+    # reproduce the pixels an uninterrupted run makes (only the missing images are recorded).
+    batches = [plan[i:i + cfg.batch_size] for i in range(0, len(plan), cfg.batch_size)]
+    batches = [b for b in batches if any(key not in done for _, _, key in b)]
+    n_todo = len(plan) - result.skipped
+    if not batches:
         return result
     # 2. Load the base model of the run with its LoRA.
     model = FluxTextToImage.from_pretrained(
@@ -94,23 +99,23 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
     model.load_lora(str(lora_path), name=f"round{run['round']}", scale=cfg.lora_scale)
     # 3. Batches: one operation row per image, finished with the images row that points to it.
     with cat.operation(stage, kind="stage_run", model=model.model_id,
-                       params={"lora_run_id": run["id"], "images": len(todo), **settings}) as stage_op:
-        for start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[start:start + cfg.batch_size]
-            ops = [cat.start_operation(stage, model=model.model_id, seed=seed, parent_id=stage_op, work_key=key,
-                                       params={**model.params(), **settings, "prompt": prompt, "seed": seed,
-                                               "lora_run_id": run["id"], "lora_path": str(lora_path)})
-                   for prompt, seed, key in chunk]
+                       params={"lora_run_id": run["id"], "images": n_todo, **settings}) as stage_op:
+        for batch in batches:
+            ops = {i: cat.start_operation(stage, model=model.model_id, seed=seed, parent_id=stage_op, work_key=key,
+                                          params={**model.params(), **settings, "prompt": prompt, "seed": seed,
+                                                  "lora_run_id": run["id"], "lora_path": str(lora_path)})
+                   for i, (prompt, seed, key) in enumerate(batch) if key not in done}
             t0 = time.perf_counter()
             try:
                 images = model.generate([TextToImageRequest(p, seed=s, width=cfg.width, height=cfg.height)
-                                         for p, s, _ in chunk])
+                                         for p, s, _ in batch], batch_size=len(batch))
             except BaseException as err:
-                for op in ops:
+                for op in ops.values():
                     cat.finish_operation(op, "failed", 0, f"{type(err).__name__}: {err}")
                 raise
-            ms = int((time.perf_counter() - t0) * 1000 / len(chunk))  # the batch's time, shared out
-            for op, image in zip(ops, images):
+            ms = int((time.perf_counter() - t0) * 1000 / len(batch))  # the batch's time, shared out
+            for i, op in ops.items():
+                image = images[i]
                 sha, _ = project.store.put_image(image)
                 with cat.transaction():
                     existing = cat.query("SELECT id FROM images WHERE sha256 = ?", (sha,))
@@ -120,7 +125,7 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
                         "operation_id": op, "purpose": purpose})
                     cat.finish_operation(op, "ok", ms, output_image_id=image_id)
                 result.image_ids.append(image_id)
-            progress(min(start + cfg.batch_size, len(todo)), len(todo), "images")
+            progress(len(result.image_ids), n_todo, "images")
     del model
     log.info("generate: %d images for round %d (%d already there)", len(result.image_ids), result.round, result.skipped)
     return result
