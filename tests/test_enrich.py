@@ -210,3 +210,37 @@ def test_cli_enrich_runs_the_configured_recipes(project, sources):
     out = CliRunner().invoke(main, ["-C", str(project.root), "enrich", "--backend", "composite"])
     assert out.exit_code == 0, out.output
     assert "3/3" in out.output and "enrich (composite): 3 edits planned; 3 new, 0 already done" in out.output
+
+
+def test_a_batch_recorded_in_part_is_edited_whole_on_resume(project, sources):
+    """GPU editors' outputs depend (in the last bits) on the batch: a resume must send the same batches."""
+    from flywheel.models.composite import CompositeEditor
+
+    class Recording(CompositeEditor):
+        def __init__(self):
+            super().__init__()
+            self.batches: list[int] = []
+
+        def edit(self, requests):
+            self.batches.append(len(requests))
+            return super().edit(requests)
+
+    cfg = EnrichConfig(backend="composite", recipes=["studio"], seeds=1, batch_size=3)
+    real_finish, calls = project.catalog.finish_operation, []
+
+    def killed_after_first_record(op_id, status, *args, **kwargs):
+        calls.append(op_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies while recording the batch's second edit
+        return real_finish(op_id, status, *args, **kwargs)
+
+    project.catalog.finish_operation = killed_after_first_record
+    first = Recording()
+    with pytest.raises(KeyboardInterrupt):
+        enrich(project, cfg, editor=first)
+    project.catalog.finish_operation = real_finish
+    again = Recording()
+    result = enrich(project, cfg, editor=again)
+    assert first.batches == [3] and again.batches == [3]  # the same batch, not the 2 missing edits alone
+    assert (len(result.made), result.already_done) == (2, 1)
+    assert counts(project)["enriched"] == 3

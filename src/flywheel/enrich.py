@@ -106,6 +106,10 @@ def enrich(project: Project, cfg: EnrichConfig | None = None, editor: ImageEdito
     done = _done_keys(project, [u.work_key for u in units])
     todo = [u for u in units if u.work_key not in done]
     result.already_done = len(units) - len(todo)
+    # Batches are fixed slices of the whole plan; one an interrupted run finished in part is edited whole
+    # again (a smaller batch would change the last bits of GPU editors' outputs), recording only what is missing.
+    batches = [units[i:i + cfg.batch_size] for i in range(0, len(units), cfg.batch_size)]
+    batches = [b for b in batches if any(u.work_key not in done for u in b)]
     progress(result.already_done, result.planned, "edits")
     if not todo:
         log.info("enrich: all %d planned edits already exist", result.planned)
@@ -131,10 +135,11 @@ def enrich(project: Project, cfg: EnrichConfig | None = None, editor: ImageEdito
             "backend": cfg.backend, "planned": result.planned, "todo": len(todo), "recipes": cfg.recipes,
             "seeds": cfg.seeds, "batch_size": cfg.batch_size, "references": n_refs,
         }) as run_id:
-            for start in range(0, len(todo), cfg.batch_size):
-                batch = todo[start:start + cfg.batch_size]
+            finished = result.already_done
+            for batch in batches:
+                missing = [u for u in batch if u.work_key not in done]
                 refs = {u.work_key: [i for i in sources if i != u.source_id][:n_refs] for u in batch}
-                ops = [_start_unit(project, u, editor, cfg, run_id, refs[u.work_key], len(batch)) for u in batch]
+                ops = [_start_unit(project, u, editor, cfg, run_id, refs[u.work_key], len(batch)) for u in missing]
                 requests = [EditRequest(image=load(u.source_id), prompt=u.recipe.full_prompt, seed=u.seed,
                                         references=[load(i) for i in refs[u.work_key]], recipe=u.recipe) for u in batch]
                 t0 = time.perf_counter()
@@ -144,16 +149,18 @@ def enrich(project: Project, cfg: EnrichConfig | None = None, editor: ImageEdito
                         raise ModelOutputError(f"the editor returned {len(outputs)} images for {len(batch)} requests")
                 except ModelOutputError as err:  # this batch's inputs are unusable: record, go on
                     _fail(project, ops, t0, err)
-                    result.failed.extend((u.work_key, str(err).split("\n")[0]) for u in batch)
-                    log.warning("enrich: %d edit(s) failed: %s", len(batch), str(err).split("\n")[0])
+                    result.failed.extend((u.work_key, str(err).split("\n")[0]) for u in missing)
+                    log.warning("enrich: %d edit(s) failed: %s", len(missing), str(err).split("\n")[0])
                     continue
                 except BaseException as err:  # anything else stops the run; a re-run redoes these units
                     _fail(project, ops, t0, err)
                     raise
                 ms = int((time.perf_counter() - t0) * 1000 / len(batch))
-                for unit, op_id, out in zip(batch, ops, outputs):
-                    _record(project, unit, op_id, out, refs[unit.work_key], ms, result)
-                progress(result.already_done + start + len(batch), result.planned, f"edits ({batch[-1].recipe.id})")
+                by_key = {u.work_key: out for u, out in zip(batch, outputs)}
+                for unit, op_id in zip(missing, ops):
+                    _record(project, unit, op_id, by_key[unit.work_key], refs[unit.work_key], ms, result)
+                finished += len(missing)
+                progress(finished, result.planned, f"edits ({batch[-1].recipe.id})")
     finally:
         # 5. Free the model (GPU memory) before the next stage loads its own.
         if owned:
