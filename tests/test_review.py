@@ -319,3 +319,15 @@ def test_a_busy_port_is_a_clear_error(review_project):
         with pytest.raises(ReviewError, match=f"cannot listen on 127.0.0.1:{port}"):
             serve(project.root, port=port, open_browser=False)
 
+
+
+def test_held_out_evaluation_images_are_not_in_the_review_queue(review_project):
+    from flywheel.review import Filters, count_items, list_items
+
+    project, ids = review_project
+    before = count_items(project, Filters())
+    listed = [item.id for item in list_items(project, Filters())]
+    held_out = listed[0]
+    project.catalog.execute("UPDATE images SET purpose = 'eval' WHERE id = ?", (held_out,))
+    assert held_out not in [item.id for item in list_items(project, Filters())]
+    assert count_items(project, Filters()).total == before.total - 1

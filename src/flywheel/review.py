@@ -97,7 +97,8 @@ class Filters:
         return {k: str(v) for k, v in values.items() if v is not None}
 
     def where(self, *, with_review: bool = True) -> tuple[str, list[Any]]:
-        clauses, params = [], []
+        # Held-out evaluation renders are measured, never trained on: they are no one's to review.
+        clauses, params = ["i.purpose = 'train'"], []
         if self.kind:
             clauses.append("i.kind = ?")
             params.append(self.kind)
