@@ -171,8 +171,10 @@ def caption(ctx: click.Context, template: bool) -> None:
 
 @main.command()
 @click.option("--no-vlm", is_flag=True, help="Judge on pixel signals only (faces, change, sharpness, noise).")
+@click.option("--judge-adapter", default=None, metavar="PATH|active|none",
+              help="LoRA from `flywheel tune-judge` for the judge VLM (default: the active one, if any).")
 @click.pass_context
-def judge(ctx: click.Context, no_vlm: bool) -> None:
+def judge(ctx: click.Context, no_vlm: bool, judge_adapter: str | None) -> None:
     """Score every edited/generated image and record a verdict (accepted / rejected / needs_review)."""
     from flywheel.judge import judge as run_judge
 
@@ -180,7 +182,7 @@ def judge(ctx: click.Context, no_vlm: bool) -> None:
         cfg = project.config
         if no_vlm:
             cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"judge": "none"})})
-        result = run_judge(project, cfg, progress=progress)
+        result = run_judge(project, cfg, progress=progress, judge_adapter=judge_adapter)
     if not result.verdicts:
         click.echo(f"judge: every image already has a verdict under policy {result.policy}")
         return

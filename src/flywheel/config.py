@@ -110,6 +110,8 @@ class JudgeConfig(Section):
         "defer", description="No face in the image or the sources: 'defer' to the VLM (needs_review without one)."
     )
     min_same_character_prob: float = Field(0.5, ge=0.0, le=1.0)
+    # A tuned judge (`flywheel tune-judge`): its P(keep) on the question it learned from human reviews.
+    min_keep_prob: float = Field(0.5, ge=0.0, le=1.0)
     # Optional whole-image identity: a DINOv2 / CLIP hub id or folder ("none": off); cosine to the closest source.
     image_embedding_model: str = "none"
     min_image_similarity: float = Field(0.5, ge=-1.0, le=1.0)

@@ -11,6 +11,8 @@ its numbers. Sources are the reference set and are never judged. Criteria and sc
 - quality: sharpness and noise (``pixels:sharpness``, ``pixels:noise``) and the VLM's P("artifacts");
 - duplicate: perceptual-hash distance to the sources and accepted images (``phash:dct64``);
 - a structured VLM verdict (JSON with reasons, ``vlm_verdict:<model>``): its output is data, never obeyed.
+- keep: with a ``flywheel tune-judge`` adapter, its P(keep) on the question it learned from human reviews
+  (``vlm_pairwise:<model>+<adapter>``; docs/tune_judge.md).
 
 Without a VLM (``[models] judge = "none"``) only the pixel signals are used, and the details say so.
 Verdicts are new rows: an image is judged once per policy fingerprint, and earlier verdicts stay.
@@ -28,6 +30,8 @@ from flywheel.caption import EFFECTIVE_DECISION
 from flywheel.config import Config, JudgeConfig
 from flywheel.errors import ModelOutputError, StageError
 from flywheel.judge_policy import ImageScores, decide, parse_verdict
+from flywheel.judge_tuning import adapters
+from flywheel.judge_tuning.prompt import keep_request, recipe_of
 from flywheel.models.base import ChatRequest, VisionLanguageModel
 from flywheel.progress import ProgressFn, no_progress
 from flywheel.project import Project
@@ -81,6 +85,15 @@ def pending_images(project: Project, fingerprint: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+def _judge_adapter(project: Project, config: Config, spec: str, vlm: VisionLanguageModel | None,
+                   choice: str | None) -> adapters.AdapterRef | None:
+    """The LoRA the judge VLM gets: ``choice`` (PATH / active / none), else the active one if configured."""
+    if spec == "none" or getattr(vlm, "adapter", None):  # no VLM, or the caller's VLM already carries one
+        return None
+    choice = choice or ("active" if config.tune_judge.use_active_adapter else "none")
+    return adapters.resolve(project, choice, spec)
+
+
 def _load_judge_vlm(config: Config) -> VisionLanguageModel | None:
     if config.models.judge == "none":
         return None
@@ -90,8 +103,12 @@ def _load_judge_vlm(config: Config) -> VisionLanguageModel | None:
 
 
 def judge(project: Project, cfg: Config | None = None, vlm: VisionLanguageModel | None = None,
-          progress: ProgressFn | None = None) -> JudgeResult:
-    """Judge every enriched/synthetic image without a verdict under the current policy."""
+          progress: ProgressFn | None = None, judge_adapter: str | None = None) -> JudgeResult:
+    """Judge every enriched/synthetic image without a verdict under the current policy.
+
+    ``judge_adapter``: a ``tune-judge`` LoRA folder, ``"active"`` or ``"none"``; by default the active
+    adapter of the judge model when ``[tune_judge] use_active_adapter`` (docs/tune_judge.md).
+    """
     from flywheel.judge_signals import PixelScorer
 
     config = cfg or project.config
@@ -105,6 +122,9 @@ def judge(project: Project, cfg: Config | None = None, vlm: VisionLanguageModel 
         raise StageError("nothing to judge: the project has no edited or generated images yet",
                          hint="run `flywheel enrich` first (sources are the reference set and are not judged)")
     spec = vlm.model_id if vlm is not None else config.models.judge
+    adapter = _judge_adapter(project, config, spec, vlm, judge_adapter)
+    if adapter is not None:
+        spec = f"{spec}+{adapter.adapter_id}"  # a tuned judge is another judge: its own policy fingerprint
     fingerprint = policy_fingerprint(jcfg, None if spec == "none" else spec)
     todo = pending_images(project, fingerprint)
     result = JudgeResult(policy=fingerprint)
@@ -113,6 +133,8 @@ def judge(project: Project, cfg: Config | None = None, vlm: VisionLanguageModel 
         return result
     if vlm is None:
         vlm = _load_judge_vlm(config)  # only now: loading a VLM to find nothing to do wastes minutes
+    if adapter is not None and vlm is not None:
+        adapters.attach(vlm, adapter)  # model_id becomes <base>+<adapter id>: every score names the tuned judge
     vlm_id = vlm.model_id if vlm else None
     policy_json = json.dumps({"fingerprint": fingerprint, "vlm": vlm_id, **jcfg.model_dump()}, sort_keys=True)
     if vlm is None:
@@ -184,6 +206,13 @@ def _vlm_scores(project: Project, vlm: VisionLanguageModel, jcfg: JudgeConfig, b
         edit_ids.append(r["id"])
     ask("edit_applied", edit_reqs, edit_ids, "edit_prob")
     ask("quality", [ChatRequest(ARTIFACT_Q, [images[i]]) for i in ids], ids, "artifact_prob")
+    if getattr(vlm, "adapter", None):  # a tuned judge: ask the very question it learned (judge_tuning.prompt)
+        keep_reqs = []
+        for r in batch:
+            prompt, recipe = recipe_of(json.loads(r["made_with"]) if r["made_with"] else {})
+            keep_reqs.append(keep_request(refs[r["id"]], images[r["id"]], kind=r["kind"], prompt=prompt,
+                                          recipe=recipe))
+        ask("keep", keep_reqs, ids, "keep_prob")
     if not jcfg.structured_verdict:
         return
     # Structured verdict: parse strictly, ask again once for the unparseable ones, then give up honestly.

@@ -36,6 +36,7 @@ class ImageScores:
     sharpness: float | None = None
     noise_sigma: float | None = None
     artifact_prob: float | None = None
+    keep_prob: float | None = None  # a tuned judge's P(keep) (flywheel.judge_tuning); None without an adapter
     dup_distance: int | None = None
     dup_of: int | None = None
     dup_change: float | None = None  # pixel change vs the phash-nearest image (None: none within the distance)
@@ -116,6 +117,10 @@ def _checks(s: ImageScores, c: JudgeConfig, *, has_vlm: bool, kind: str) -> list
     if s.artifact_prob is not None:
         check(s.artifact_prob <= c.max_artifact_prob, f"P(artifacts) {s.artifact_prob:.2f}",
               f"quality: VLM P(artifacts) {s.artifact_prob:.2f} > {c.max_artifact_prob}")
+    # What the reviewers would decide, as learned by a tuned judge (only with an adapter loaded).
+    if s.keep_prob is not None:
+        check(s.keep_prob >= c.min_keep_prob, f"tuned judge: P(keep) {s.keep_prob:.2f}",
+              f"tuned judge: P(keep) {s.keep_prob:.2f} < {c.min_keep_prob}")
     # Duplicates.
     if s.dup_change is not None:
         check(s.dup_change >= c.near_duplicate_max_change, f"not a duplicate ({s.dup_change:.1%} differs)",
