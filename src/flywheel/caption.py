@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from flywheel.catalog.queries import EFFECTIVE_DECISION
 from flywheel.config import CaptionConfig, Config
 from flywheel.errors import ModelOutputError, StageError
 from flywheel.models.base import ChatRequest, VisionLanguageModel
@@ -28,12 +29,6 @@ from flywheel.progress import ProgressFn, no_progress
 from flywheel.project import Project
 
 log = logging.getLogger(__name__)
-
-# The current decision per image: a human's accept/reject wins over the newest machine verdict.
-EFFECTIVE_DECISION = """CASE
-  WHEN (SELECT r.decision FROM reviews r WHERE r.image_id = i.id ORDER BY r.id DESC LIMIT 1) IN ('accepted', 'rejected')
-  THEN (SELECT r.decision FROM reviews r WHERE r.image_id = i.id ORDER BY r.id DESC LIMIT 1)
-  ELSE (SELECT v.verdict FROM verdicts v WHERE v.image_id = i.id ORDER BY v.id DESC LIMIT 1) END"""
 
 _LABEL_RE = re.compile(r"^\s*(?:caption|answer|description)\s*:\s*", re.IGNORECASE)
 _QUOTES = "\"'`“”‘’"

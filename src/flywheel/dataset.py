@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flywheel.catalog.queries import EFFECTIVE_DECISION
 from flywheel.errors import StageError
 
 log = logging.getLogger(__name__)
@@ -24,23 +25,16 @@ RULE = (
     "(none/cleared/skipped) and newest machine verdict 'accepted'; newest caption per image"
 )
 
-_MEMBERS_SQL = """
-WITH last_review AS (
-    SELECT image_id, decision FROM reviews WHERE id IN (SELECT MAX(id) FROM reviews GROUP BY image_id)
-), last_verdict AS (
-    SELECT image_id, verdict FROM verdicts WHERE id IN (SELECT MAX(id) FROM verdicts GROUP BY image_id)
-), last_caption AS (
+_MEMBERS_SQL = f"""
+WITH last_caption AS (
     SELECT image_id, MAX(id) AS caption_id FROM captions GROUP BY image_id
 )
 SELECT i.id AS image_id, c.caption_id
 FROM images i
-LEFT JOIN last_review r ON r.image_id = i.id
-LEFT JOIN last_verdict v ON v.image_id = i.id
 LEFT JOIN last_caption c ON c.image_id = i.id
 WHERE i.kind = 'source'
-   OR (i.round < :round AND i.purpose = 'train' AND (  -- held-out evaluation images never train
-         r.decision = 'accepted'
-      OR ((r.decision IS NULL OR r.decision IN ('cleared', 'skipped')) AND v.verdict = 'accepted')))
+   OR (i.round < :round AND i.purpose = 'train'  -- held-out evaluation images never train
+       AND {EFFECTIVE_DECISION} = 'accepted')
 ORDER BY i.id
 """
 

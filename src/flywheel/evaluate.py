@@ -128,7 +128,7 @@ def _render(project, cfg: EvaluateConfig, run_id: int, device, model_kwargs) -> 
 def _round_data(project, run, source_faces, sources, embedder, clip):
     from flywheel.evaluation.metrics import EvalImage, score_round
     from flywheel.evaluation.report import RoundData
-    from flywheel.status import LATEST_VERDICT
+    from flywheel.catalog.queries import LATEST_VERDICT
 
     rows = project.catalog.query(
         # Through operations.output_image_id: two rounds may render a prompt identically (one image row).

@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from flywheel.caption import EFFECTIVE_DECISION
+from flywheel.catalog.queries import EFFECTIVE_DECISION
 from flywheel.config import Config, JudgeConfig
 from flywheel.errors import ModelOutputError, StageError
 from flywheel.judge_policy import ImageScores, decide, parse_verdict

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flywheel.catalog.queries import LATEST_REVIEW, LATEST_VERDICT
 from flywheel.progress import ProgressFn, no_progress
 from flywheel.project import Project
-from flywheel.status import LATEST_REVIEW, LATEST_VERDICT
 
 log = logging.getLogger(__name__)
 

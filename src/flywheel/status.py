@@ -4,18 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flywheel.catalog.queries import LATEST_REVIEW, LATEST_VERDICT
 from flywheel.project import Project
-
-# Newest verdict / review per image (the tables are append-only; the newest row is the current one).
-LATEST_VERDICT = """
-SELECT v.image_id, v.verdict FROM verdicts v
-JOIN (SELECT image_id, MAX(id) AS id FROM verdicts GROUP BY image_id) last ON last.id = v.id
-"""
-LATEST_REVIEW = """
-SELECT r.image_id, r.decision FROM reviews r
-JOIN (SELECT image_id, MAX(id) AS id FROM reviews GROUP BY image_id) last ON last.id = r.id
-"""
-
 
 @dataclass
 class Status:

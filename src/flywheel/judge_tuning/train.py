@@ -73,7 +73,6 @@ def answer_loss(model, batch: dict[str, Any], decision_share: float):
     ~1/40 of the gradient and a small model learns the JSON long before the decision. Logits are kept only
     for the answer span, never the prompt's image tokens (vocab x prompt length would dominate memory).
     """
-    import torch
     import torch.nn.functional as F
 
     labels = batch["labels"]
