@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import ImageFilter
 
 from flywheel.evaluation.metrics import EvalImage, score_round, source_face_embeddings
 from flywheel.evaluation.report import RoundData, write_report
