@@ -52,5 +52,5 @@ def run_demo(directory: Path, *, progress: ProgressFn | None = None, on_step=Non
     notes = [f"Demo project: {directory}", *STAND_INS]
     if result.report:
         notes.append(f"Evaluation: round 2 vs round 1: {result.verdict.replace('_', ' ')}. Report: {result.report}")
-    notes += [f"Look at it: flywheel -C {directory} status | flywheel -C {directory} review"]
+    notes += [f"Look at it: `flywheel -C {directory} status`, then `flywheel -C {directory} review` (browser)"]
     return DemoSummary(root=directory, loop=result, status=status, notes=notes)
