@@ -105,7 +105,7 @@ def raw_loop(adapter, images, new_tokens: int, device: str) -> tuple[float, floa
 
     from flywheel.models.base import ChatRequest
 
-    inputs = [adapter._inputs([ChatRequest("Describe this image in one detailed paragraph.", [im])]) for im in images]
+    inputs = [adapter.encode([ChatRequest("Describe this image in one detailed paragraph.", [im])]) for im in images]
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -117,7 +117,7 @@ def raw_loop(adapter, images, new_tokens: int, device: str) -> tuple[float, floa
         torch.cuda.synchronize()
     raw_s = time.perf_counter() - t0
     prep0 = time.perf_counter()
-    adapter._inputs([ChatRequest("Describe this image.", [im]) for im in images])
+    adapter.encode([ChatRequest("Describe this image.", [im]) for im in images])
     return raw_s, time.perf_counter() - prep0
 
 

@@ -63,7 +63,7 @@ def test_option_probabilities_are_the_first_token_distribution(tiny_vlm):
     yes = [tok.convert_tokens_to_ids(t) for t in ("yes", "Yes")]
     no = [tok.convert_tokens_to_ids(t) for t in ("no", "No")]
     for req, scores in zip(reqs, got):
-        inputs = tiny_vlm._inputs([req])
+        inputs = tiny_vlm.encode([req])
         with torch.no_grad():
             p = torch.softmax(tiny_vlm.model(**inputs).logits[0, -1].float(), -1)
         expected_yes = float(p[yes].sum() / (p[yes].sum() + p[no].sum()))
@@ -85,7 +85,7 @@ def test_pixel_budget_sets_the_number_of_image_tokens(tiny_vlm_dir):
     for budget in (56 * 56, 112 * 112):
         vlm = load_vlm(str(tiny_vlm_dir), ModelsConfig(vlm_max_pixels=budget))
         assert vlm.params()["max_pixels"] == budget
-        ids = vlm._inputs([big])["input_ids"][0].tolist()
+        ids = vlm.encode([big])["input_ids"][0].tolist()
         counts[budget] = ids.count(vlm.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
     # About one token per 28x28 pixels of the budget: 112² allows at most 16 (the processor's own
     # minimum of 56² pixels lifts the smaller budget a little above 4).

@@ -216,7 +216,7 @@ def test_training_examples_are_the_judges_own_question_with_loss_only_on_the_ans
         example = next(e for e in load_examples(project) if not e.keep)
         request = request_for(project, example)
         item = encode(vlm, request, answer_for(example))
-        asked = vlm._inputs([request])["input_ids"][0]  # what option_probabilities feeds the model
+        asked = vlm.encode([request])["input_ids"][0]  # what option_probabilities feeds the model
     n = asked.shape[0]
     assert item["input_ids"][0, :n].tolist() == asked.tolist()
     assert (item["labels"][0, :n] == -100).all()

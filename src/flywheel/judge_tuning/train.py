@@ -33,7 +33,7 @@ def encode(vlm, request: ChatRequest, answer: str) -> dict[str, Any]:
 
     tok = vlm.processor.tokenizer
     # The very encoding option_probabilities uses, so training sees what the judge will be asked.
-    prompt = {k: v.cpu() for k, v in vlm._inputs([request]).items()}
+    prompt = {k: v.cpu() for k, v in vlm.encode([request]).items()}
     end = tok.convert_tokens_to_ids("<|im_end|>")
     answer_ids = tok.encode(answer, add_special_tokens=False) + [end if isinstance(end, int) else tok.eos_token_id]
     answer_t = torch.tensor([answer_ids], dtype=prompt["input_ids"].dtype)

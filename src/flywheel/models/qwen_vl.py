@@ -133,7 +133,7 @@ class QwenVLModel:
         gen.update(self.generation)
         out: list[str] = []
         for start in range(0, len(requests), self.batch_size):
-            inputs = self._inputs(requests[start:start + self.batch_size])
+            inputs = self.encode(requests[start:start + self.batch_size])
             with torch.inference_mode():
                 ids = self.model.generate(**inputs, **gen)
             new = ids[:, inputs["input_ids"].shape[1]:]  # left padding: every answer starts at the same column
@@ -151,7 +151,7 @@ class QwenVLModel:
         token_sets = self._option_tokens(options)
         results: list[dict[str, float]] = []
         for start in range(0, len(requests), self.batch_size):
-            inputs = self._inputs(requests[start:start + self.batch_size])
+            inputs = self.encode(requests[start:start + self.batch_size])
             with torch.inference_mode():
                 logits = self.model(**inputs).logits[:, -1, :].float()  # left padding: last column = next token
             probs = torch.softmax(logits, dim=-1)
@@ -190,7 +190,9 @@ class QwenVLModel:
         log.info("judge adapter %s loaded from %s", adapter_id, folder)
 
     # -- helpers ---------------------------------------------------------------------------------------------
-    def _inputs(self, requests: list[ChatRequest]):
+    def encode(self, requests: list[ChatRequest]):
+        """The model inputs for a batch of requests (chat template, images at the pixel budget, left padding):
+        exactly what ``generate`` and ``option_probabilities`` feed the model, so judge tuning trains on it."""
         texts, images = [], []
         for r in requests:
             messages = [{"role": "system", "content": [{"type": "text", "text": r.system}]}] if r.system else []
