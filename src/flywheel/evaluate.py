@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.config import EvaluateConfig, GenerateConfig
 from flywheel.errors import StageError
 from flywheel.progress import ProgressFn, no_progress
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +32,9 @@ class EvaluationResult:
 
 
 def eval_prompts(cfg: EvaluateConfig) -> list[str]:
-    if cfg.prompts:
-        return list(cfg.prompts)
-    return tomllib.loads((Path(__file__).parent / "data" / "eval_prompts.toml").read_text(encoding="utf-8"))["prompts"]
+    from flywheel.generate import shipped_prompts
+
+    return list(cfg.prompts) if cfg.prompts else shipped_prompts("eval_prompts.toml")
 
 
 def evaluate(project, cfg: EvaluateConfig | None = None, *, baseline_run: int | None = None,

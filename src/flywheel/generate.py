@@ -35,9 +35,14 @@ class GenerateResult:
     skipped: int = 0
 
 
+def shipped_prompts(name: str) -> list[str]:
+    """A prompt list shipped in ``flywheel/data`` (``prompts.toml``: generation; ``eval_prompts.toml``: held out)."""
+    return tomllib.loads((Path(__file__).parent / "data" / name).read_text(encoding="utf-8"))["prompts"]
+
+
 def prompt_bank(trigger: str, cfg: GenerateConfig) -> list[str]:
     """The shipped prompts (unless turned off) and the user's, each with the trigger word in place."""
-    shipped = tomllib.loads((Path(__file__).parent / "data" / "prompts.toml").read_text(encoding="utf-8"))["prompts"]
+    shipped = shipped_prompts("prompts.toml")
     prompts = [*(shipped if cfg.use_shipped_prompts else []), *cfg.extra_prompts]
     missing = [p for p in prompts if "{trigger}" not in p]
     if missing:

@@ -37,15 +37,9 @@ def _resolve(path_or_id: str | Path) -> str:
                 hint="point to the folder that holds model_index.json, transformer/, vae/, ...",
             )
         return str(local)
-    try:
-        from flywheel.models.hub import resolve_model  # written by the model-layer helper
-    except ImportError:
-        resolve_model = None
-    if resolve_model is not None:
-        return str(resolve_model(text))
-    if text.startswith((".", "/", "~")) or local.suffix:
-        raise ModelNotFoundError(f"model folder not found: {local}", hint="check the path in flywheel.toml")
-    return text  # a hub id: diffusers resolves it from the local HF cache (offline) or the Hub
+    from flywheel.models.hub import resolve_model
+
+    return str(resolve_model(text))  # a missing folder or an undownloaded hub id is explained there
 
 
 def _device_dtype(device: str | None, dtype: Any) -> tuple[str, Any]:
