@@ -67,3 +67,7 @@ class MissingExtraError(FlywheelError):
 
 class ReviewError(FlywheelError):
     """A human review cannot be recorded or served (unknown image, unknown decision, unsafe server setup)."""
+
+
+class StorageError(FlywheelError):
+    """The project cannot be written: the disk is full, the project is read-only, or the catalog is busy."""
