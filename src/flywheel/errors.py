@@ -71,3 +71,7 @@ class ReviewError(FlywheelError):
 
 class StorageError(FlywheelError):
     """The project cannot be written: the disk is full, the project is read-only, or the catalog is busy."""
+
+
+class CaptionError(FlywheelError):
+    """A caption cannot be written (empty after cleaning, too long, unknown image, unreadable sidecar file)."""
