@@ -1,41 +1,29 @@
-"""``flywheel review``: what a human reviewer sees and decides, read from and appended to the catalog.
+"""What the review page lists: the reviewable images of a filter, each with what explains it.
 
-The web app (``flywheel.web``) is a thin layer over these functions:
-
-- ``list_items`` gathers, per edited or synthetic image, everything a reviewer needs to judge it: its
-  parent(s), the newest score per criterion and scorer, the newest machine verdict and its reason, the
-  newest human review, the newest caption and the recipe (or prompt) that made it.
-- ``count_items`` says how many images a filter covers and how many still need a human decision.
-- ``record_review`` appends decisions; nothing is ever updated or deleted. The newest review per image
-  is the current one, and 'cleared' is an undo (back to "no human decision"). Machine verdicts are never
-  touched: training reads human-over-machine at dataset time (see ``flywheel.dataset``).
-- ``thumbnail`` serves a cached, downscaled copy of a catalog image; only catalog ids reach the store.
+``list_items`` gathers, per edited or synthetic image, its parent(s), the newest score per criterion and
+scorer (with a readable label, ``flywheel.review.labels``), the newest machine verdict and its reason,
+the newest human review, the newest caption and the recipe (or prompt) that made it. ``count_items``
+says how many images a filter covers and how many still need a human decision; ``matching_ids`` is
+every image a filter selects, across pages (what a filter action decides).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from flywheel.errors import ReviewError
 from flywheel.project import Project
+from flywheel.review.decisions import _DIGITS, MAX_SQLITE_INT, _short
 
-log = logging.getLogger(__name__)
-
-DECISIONS = ("accepted", "rejected", "skipped", "cleared")
 REVIEWABLE_KINDS = ("enriched", "synthetic")  # sources are always in the dataset: nothing to decide
 VERDICT_FILTERS = ("accepted", "rejected", "needs_review", "none")
 REVIEW_FILTERS = ("todo", "accepted", "rejected", "skipped")
-THUMB_SIZE = 384
-MAX_SQLITE_INT = 2**63 - 1
-_DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only: str.isdigit() also accepts '²', which int() refuses
+# What the page opens on when the URL names no filter: what needs a human (not what the judge accepted).
+DEFAULT_VIEW = {"verdict": "needs_review", "review": "todo"}
+PAGE_SIZE = 120  # cards per page: thumbnails load lazily, and 1,000 cards would still be a slow page
 
 _LATEST = "SELECT {cols} FROM {table} WHERE id IN (SELECT MAX(id) FROM {table} GROUP BY image_id)"
 # flywheel.enrich records the recipe as 'recipe'; 'recipe_id' is accepted too (older or external writers).
@@ -46,7 +34,7 @@ FROM images i
 LEFT JOIN ({_LATEST.format(cols="image_id, verdict, reason", table="verdicts")}) lv ON lv.image_id = i.id
 LEFT JOIN ({_LATEST.format(cols="image_id, decision, reason, reviewer, created_at", table="reviews")}) lr
        ON lr.image_id = i.id
-LEFT JOIN ({_LATEST.format(cols="image_id, text", table="captions")}) lc ON lc.image_id = i.id
+LEFT JOIN ({_LATEST.format(cols="image_id, text, source", table="captions")}) lc ON lc.image_id = i.id
 LEFT JOIN operations o ON o.id = i.operation_id
 """
 
@@ -60,16 +48,18 @@ class Filters:
     verdict: str | None = None  # accepted / rejected / needs_review / none (no verdict yet)
     recipe: str | None = None
     review: str | None = None  # todo (no accept/reject yet) / accepted / rejected / skipped
-    limit: int = 300
+    source: int | None = None  # only the edits made from this source image
+    limit: int = PAGE_SIZE
     offset: int = 0
 
     @classmethod
     def parse(cls, query: Mapping[str, str]) -> Filters:
-        """Filters from URL query parameters; empty values mean "any". Raises ReviewError on bad values."""
+        """Filters from URL query parameters. An empty value means "any"; a parameter that is absent
+        takes the page's default (``DEFAULT_VIEW``: what needs a human). Raises ReviewError on bad values."""
         def choice(name: str, allowed: tuple[str, ...]) -> str | None:
-            value = (query.get(name) or "").strip()
+            value = (query.get(name, DEFAULT_VIEW.get(name)) or "").strip()
             if value and value not in allowed:
-                raise ReviewError(f"unknown {name} filter {value!r}", hint=f"use one of: {', '.join(allowed)}")
+                raise ReviewError(f"unknown {name} filter {_short(value)}", hint=f"use one of: {', '.join(allowed)}")
             return value or None
 
         def number(name: str, default: int | None, low: int, high: int) -> int | None:
@@ -77,7 +67,7 @@ class Filters:
             if not value:
                 return default
             if not _DIGITS.fullmatch(value) or not low <= int(value) <= high:
-                raise ReviewError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+                raise ReviewError(f"{name} must be a whole number from {low} to {high}, got {_short(value)}")
             return int(value)
 
         return cls(
@@ -86,14 +76,16 @@ class Filters:
             verdict=choice("verdict", VERDICT_FILTERS),
             recipe=(query.get("recipe") or "").strip() or None,
             review=choice("review", REVIEW_FILTERS),
-            limit=number("limit", 300, 0, 5000),
+            source=number("source", None, 1, MAX_SQLITE_INT),
+            limit=number("limit", PAGE_SIZE, 0, 5000),
             offset=number("offset", 0, 0, 10_000_000),
         )
 
     def query(self) -> dict[str, str]:
-        """The non-default filters as URL query parameters (for links that keep the current view)."""
-        values = {"round": self.round, "kind": self.kind, "verdict": self.verdict, "recipe": self.recipe,
-                  "review": self.review}
+        """The filters as URL query parameters (for links that keep the current view). Verdict and review
+        are always present, empty for "any", so a link never falls back to the default view."""
+        values = {"round": self.round, "kind": self.kind, "verdict": self.verdict or "", "recipe": self.recipe,
+                  "review": self.review or "", "source": self.source}
         return {k: str(v) for k, v in values.items() if v is not None}
 
     def where(self, *, with_review: bool = True) -> tuple[str, list[Any]]:
@@ -116,6 +108,10 @@ class Filters:
         if self.recipe:
             clauses.append(f"{_RECIPE} = ?")
             params.append(self.recipe)
+        if self.source is not None:
+            clauses.append("EXISTS (SELECT 1 FROM image_parents sp WHERE sp.image_id = i.id AND sp.parent_id = ? "
+                           "AND sp.role = 'source')")
+            params.append(self.source)
         if with_review and self.review == "todo":
             clauses.append("COALESCE(lr.decision, '') NOT IN ('accepted', 'rejected')")
         elif with_review and self.review:
@@ -130,6 +126,7 @@ class Parent:
     sha256: str
     kind: str
     role: str  # 'source' (the image edited) or 'reference'
+    left_out: bool = False  # a source a human left out of training
 
 
 @dataclass
@@ -138,6 +135,8 @@ class Score:
     scorer: str
     value: float | None
     note: str | None  # the scorer's own reason, when it gave one (e.g. why it could not score)
+    label: str = ""  # readable, with the threshold: "identity: face distance 0.42 (accept ≤ 0.60)"
+    status: str = "info"  # pass / fail / unknown / info: which side of the threshold the value is on
 
 
 @dataclass
@@ -155,6 +154,7 @@ class Item:
     reviewer: str | None
     reviewed_at: str | None
     caption: str | None
+    caption_source: str | None  # vlm / template / human
     recipe: str | None
     prompt: str | None
     parents: list[Parent] = field(default_factory=list)
@@ -166,10 +166,11 @@ class Item:
 
 @dataclass
 class Counts:
-    total: int = 0
+    total: int = 0  # images the filter covers, whatever your decision (the review filter is ignored)
     accepted: int = 0
     rejected: int = 0
     skipped: int = 0
+    matching: int = 0  # images the whole filter selects (the review filter too): what a filter action decides
 
     @property
     def remaining(self) -> int:
@@ -182,6 +183,8 @@ class Counts:
 
 def list_items(project: Project, filters: Filters | None = None) -> list[Item]:
     """The reviewable images matching ``filters``, oldest round first, each with what explains it."""
+    from flywheel.review.labels import score_label
+
     filters = filters or Filters()
     q = project.catalog.query
     # 1. The images, with their newest verdict, review and caption, and how they were made.
@@ -189,8 +192,8 @@ def list_items(project: Project, filters: Filters | None = None) -> list[Item]:
     rows = q(
         f"""SELECT i.id, i.sha256, i.kind, i.round, i.width, i.height,
                    lv.verdict, lv.reason AS verdict_reason, lr.decision AS review, lr.reason AS review_reason,
-                   lr.reviewer, lr.created_at AS reviewed_at, lc.text AS caption, {_RECIPE} AS recipe,
-                   CAST(json_extract(o.params_json, '$.prompt') AS TEXT) AS prompt
+                   lr.reviewer, lr.created_at AS reviewed_at, lc.text AS caption, lc.source AS caption_source,
+                   {_RECIPE} AS recipe, CAST(json_extract(o.params_json, '$.prompt') AS TEXT) AS prompt
             {_FROM} WHERE {where} ORDER BY i.round, i.id LIMIT ? OFFSET ?""",
         (*params, filters.limit, filters.offset),
     )
@@ -198,27 +201,38 @@ def list_items(project: Project, filters: Filters | None = None) -> list[Item]:
     if not items:
         return []
     marks = ", ".join("?" for _ in items)
-    # 2. Parents, so the reviewer sees each edit beside the image it was made from.
-    for r in q(f"""SELECT p.image_id, p.parent_id, p.role, pi.sha256, pi.kind FROM image_parents p
-                   JOIN images pi ON pi.id = p.parent_id WHERE p.image_id IN ({marks})
-                   ORDER BY p.role DESC, p.parent_id""", tuple(items)):
-        items[r["image_id"]].parents.append(Parent(r["parent_id"], r["sha256"], r["kind"], r["role"]))
-    # 3. Scores: the newest row per criterion and scorer (a re-judge appends, it does not overwrite).
+    # 2. Parents, so the reviewer sees each edit beside the image it was made from (and whether a human
+    #    left that source out of training).
+    for r in q(f"""SELECT p.image_id, p.parent_id, p.role, pi.sha256, pi.kind,
+                          COALESCE(lr.decision = 'rejected' AND pi.kind = 'source', 0) AS left_out
+                   FROM image_parents p JOIN images pi ON pi.id = p.parent_id
+                   LEFT JOIN ({_LATEST.format(cols="image_id, decision", table="reviews")}) lr ON lr.image_id = pi.id
+                   WHERE p.image_id IN ({marks}) ORDER BY p.role DESC, p.parent_id""", tuple(items)):
+        items[r["image_id"]].parents.append(Parent(r["parent_id"], r["sha256"], r["kind"], r["role"],
+                                                   bool(r["left_out"])))
+    # 3. Scores: the newest row per criterion and scorer (a re-judge appends, it does not overwrite),
+    #    each with a label that states the threshold it is judged against.
+    cfg = project.config.judge
     for r in q(f"""SELECT image_id, criterion, scorer, value, details_json FROM scores
                    WHERE id IN (SELECT MAX(id) FROM scores WHERE image_id IN ({marks})
                                 GROUP BY image_id, criterion, scorer)
                    ORDER BY image_id, criterion, scorer""", tuple(items)):
-        items[r["image_id"]].scores.append(Score(r["criterion"], r["scorer"], r["value"], _note(r["details_json"])))
+        details = _details(r["details_json"])
+        label = score_label(r["criterion"], r["scorer"], r["value"], details, cfg)
+        items[r["image_id"]].scores.append(Score(r["criterion"], r["scorer"], r["value"], _note(details),
+                                                 label.text, label.status))
     return list(items.values())
 
 
-def _note(details_json: str) -> str | None:
+def _details(details_json: str) -> dict[str, Any]:
     try:
         details = json.loads(details_json or "{}")
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(details, dict):
-        return None
+    except (json.JSONDecodeError, RecursionError):
+        return {}
+    return details if isinstance(details, dict) else {}
+
+
+def _note(details: dict[str, Any]) -> str | None:
     for key in ("reason", "reasons", "note", "error"):  # the judge's VLM scores say 'reasons', face scores 'note'
         if details.get(key):
             return str(details[key])
@@ -227,7 +241,8 @@ def _note(details_json: str) -> str | None:
 
 def count_items(project: Project, filters: Filters | None = None) -> Counts:
     """How many images the filters cover (ignoring the review-state filter) and how they were decided."""
-    where, params = (filters or Filters()).where(with_review=False)
+    filters = filters or Filters()
+    where, params = filters.where(with_review=False)
     row = project.catalog.query(
         f"""SELECT COUNT(*) AS total,
                    COALESCE(SUM(lr.decision = 'accepted'), 0) AS accepted,
@@ -236,7 +251,26 @@ def count_items(project: Project, filters: Filters | None = None) -> Counts:
             {_FROM} WHERE {where}""",
         tuple(params),
     )[0]
-    return Counts(**dict(row))
+    counts = Counts(**dict(row))
+    counts.matching = counts.total if not filters.review else len(matching_ids(project, filters))
+    return counts
+
+
+def matching_ids(project: Project, filters: Filters) -> list[int]:
+    """Every image the filter selects, across all pages (limit and offset are ignored)."""
+    where, params = filters.where()
+    return [r[0] for r in project.catalog.query(f"SELECT i.id {_FROM} WHERE {where} ORDER BY i.round, i.id",
+                                                tuple(params))]
+
+
+def verdict_tally(project: Project) -> dict[str, int]:
+    """Reviewable images per newest judge verdict ('none': not judged yet), for the page's overview."""
+    where, params = Filters().where()
+    rows = project.catalog.query(f"SELECT COALESCE(lv.verdict, 'none') AS v, COUNT(*) AS n {_FROM} WHERE {where} "
+                                 "GROUP BY 1", tuple(params))
+    tally = {v: 0 for v in VERDICT_FILTERS}
+    tally.update({r["v"]: r["n"] for r in rows})
+    return tally
 
 
 def filter_options(project: Project) -> dict[str, list]:
@@ -248,78 +282,3 @@ def filter_options(project: Project) -> dict[str, list]:
         f"SELECT DISTINCT {_RECIPE} FROM images i JOIN operations o ON o.id = i.operation_id "
         f"WHERE i.kind IN (?, ?) AND {_RECIPE} IS NOT NULL ORDER BY 1", kinds)]
     return {"rounds": rounds, "recipes": recipes, "kinds": list(REVIEWABLE_KINDS)}
-
-
-def record_review(project: Project, image_ids: list[int], decision: str, reviewer: str,
-                  reason: str | None = None) -> list[int]:
-    """Append one review row per image (all or none). Returns the new rows' ids.
-
-    ``decision`` is accepted / rejected / skipped, or 'cleared' to undo (the image is undecided again).
-    """
-    # 1. Validate everything before writing anything.
-    if decision not in DECISIONS:
-        raise ReviewError(f"unknown decision {decision!r}", hint=f"use one of: {', '.join(DECISIONS)}")
-    reviewer = (reviewer or "").strip()
-    if not reviewer:
-        raise ReviewError("a review needs a reviewer name", hint="pass --reviewer NAME to `flywheel review`")
-    ids = list(dict.fromkeys(_image_id(i) for i in image_ids))  # de-duplicated, order kept
-    if not ids:
-        raise ReviewError("no images to review", hint="select at least one image")
-    found = {r[0] for r in project.catalog.query(
-        f"SELECT id FROM images WHERE id IN ({', '.join('?' for _ in ids)})", tuple(ids))}
-    missing = [i for i in ids if i not in found]
-    if missing:
-        raise ReviewError(f"no image with id {', '.join(map(str, missing))} in the catalog",
-                          hint="reload the page: the catalog may have changed")
-    # 2. Append, in one transaction: a bulk decision is recorded for every image or for none.
-    reason = (reason or "").strip() or None
-    with project.catalog.transaction():
-        rows = [project.catalog.insert("reviews", {"image_id": i, "decision": decision, "reason": reason,
-                                                   "reviewer": reviewer}) for i in ids]
-    log.info("review: %s %d image(s) by %s", decision, len(ids), reviewer)
-    return rows
-
-
-def _image_id(value: Any) -> int:
-    # bool is an int subclass; a JSON `true` is not an image id.
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not _DIGITS.fullmatch(str(value)):
-        raise ReviewError(f"not an image id: {value!r}", hint="image ids are whole numbers from the catalog")
-    number = int(value)
-    if number > MAX_SQLITE_INT:
-        raise ReviewError(f"no image with id {number} in the catalog")
-    return number
-
-
-def image_sha(project: Project, image_id: int) -> str | None:
-    """The store name of a catalog image, or None when the id is not in the catalog."""
-    if not 0 < image_id <= MAX_SQLITE_INT:
-        return None
-    rows = project.catalog.query("SELECT sha256 FROM images WHERE id = ?", (image_id,))
-    return rows[0][0] if rows else None
-
-
-def thumbnail(project: Project, sha: str, size: int = THUMB_SIZE) -> Path:
-    """A JPEG of at most ``size`` px a side, cached under ``.flywheel/cache/thumbs`` by content hash.
-
-    The cache never goes stale: a stored image never changes under its hash.
-    """
-    source = project.store.image_path(sha)  # refuses anything that is not a content hash
-    path = project.workspace / "cache" / "thumbs" / sha[:2] / f"{sha}-{size}.jpg"
-    if path.exists():
-        return path
-    from PIL import Image
-
-    with Image.open(source) as im:
-        im = im.convert("RGB")
-        im.thumbnail((size, size), Image.Resampling.LANCZOS)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write beside, then rename: two requests for one thumbnail never serve a half-written file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".jpg")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                im.save(f, format="JPEG", quality=85)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return path
