@@ -136,19 +136,12 @@ def pending_images(project: Project, policy: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def _load_captioner(config: Config) -> VisionLanguageModel:
-    from flywheel.models import load_vlm
-
-    return load_vlm(config.models.captioner, config.models)
-
-
 def caption(project: Project, cfg: Config | None = None, vlm: VisionLanguageModel | None = None,
-            progress: ProgressFn | None = None) -> CaptionResult:
+            progress: ProgressFn | None = None, pool=None) -> CaptionResult:
     """Caption every image that has no caption from the current policy. Returns what was written."""
     config = cfg or project.config
     ccfg, trigger = config.caption, config.project.trigger
     progress = progress or no_progress
-    catalog = project.catalog
 
     # 1. Plan: the policy's fingerprint decides which images still need a caption.
     policy = policy_fingerprint(ccfg, trigger, vlm.model_id if vlm is not None else config.models.captioner)
@@ -162,9 +155,20 @@ def caption(project: Project, cfg: Config | None = None, vlm: VisionLanguageMode
         log.info("caption: every image already has a caption from policy %s", policy)
         return result
 
-    # 2. Load the captioner only when there is work for it.
-    if ccfg.mode == "vlm" and vlm is None:
-        vlm = _load_captioner(config)
+    # 2. Load the captioner only when there is work for it (from the pool: the judge reuses it when
+    #    [models] judge names the same model).
+    from flywheel.models.pool import stage_pool
+
+    with stage_pool(project, pool, "caption") as models:
+        if ccfg.mode == "vlm" and vlm is None:
+            vlm = models.vlm(config.models.captioner)
+        return _caption(project, config, vlm, todo, policy, prompt, result, progress)
+
+
+def _caption(project: Project, config: Config, vlm, todo, policy: str, prompt: str, result: CaptionResult,
+             progress: ProgressFn) -> CaptionResult:
+    ccfg, trigger = config.caption, config.project.trigger
+    catalog = project.catalog
     run_params = {"policy": policy, "mode": ccfg.mode, "prompt": prompt, "images": len(todo)}
     with catalog.operation("caption", kind="stage_run", model=vlm.model_id if ccfg.mode == "vlm" else "template",
                            params=run_params) as run_id:

@@ -39,10 +39,12 @@ def eval_prompts(cfg: EvaluateConfig) -> list[str]:
 
 def evaluate(project, cfg: EvaluateConfig | None = None, *, baseline_run: int | None = None,
              candidate_run: int | None = None, device: str | None = None, progress: ProgressFn | None = None,
-             **model_kwargs) -> EvaluationResult:
+             pool=None, **model_kwargs) -> EvaluationResult:
+    """Render both rounds (one loaded base, LoRAs swapped: ``flywheel.models.pool``), judge, measure, report."""
     from flywheel.evaluation.metrics import METRICS, source_face_embeddings
     from flywheel.evaluation.report import write_report
     from flywheel.evaluation.stats import paired_bootstrap
+    from flywheel.models.pool import stage_pool
     from flywheel.signals.embeddings import ImageEmbedder
 
     cfg = cfg or project.config.evaluate
@@ -52,15 +54,17 @@ def evaluate(project, cfg: EvaluateConfig | None = None, *, baseline_run: int | 
     baseline, candidate = _runs(cat, baseline_run, candidate_run)
     with cat.operation("evaluate", kind="stage_run", params={"baseline_run": baseline["id"],
                                                               "candidate_run": candidate["id"], **cfg.model_dump()}) as op:
-        # 2. Held-out images of both rounds (generated once; a re-run reuses them).
-        for i, run in enumerate((baseline, candidate)):
-            _render(project, cfg, run["id"], device, model_kwargs)
-            progress(i + 1, 3, f"rendered round {run['round']}")
-        # 3. Judge them (for the judge pass rate); the judge skips what it already judged.
-        if cfg.judge_images:
-            from flywheel.judge import judge
+        # 2. Held-out images of both rounds (generated once; a re-run reuses them), from one loaded base.
+        with stage_pool(project, pool, "evaluate") as models:
+            for i, run in enumerate((baseline, candidate)):
+                _render(project, cfg, run["id"], device, model_kwargs, models)
+                progress(i + 1, 3, f"rendered round {run['round']}")
+            # 3. Judge them (for the judge pass rate); the judge skips what it already judged. The pool
+            #    releases the base before the judge's VLM loads.
+            if cfg.judge_images:
+                from flywheel.judge import judge
 
-            judge(project)
+                judge(project, pool=models)
         # 4. Metrics per image, per round.
         sources = [project.store.open_image(r["sha256"]) for r in
                    cat.query("SELECT sha256 FROM images WHERE kind = 'source' ORDER BY id")]
@@ -108,7 +112,7 @@ def _runs(cat, baseline_run: int | None, candidate_run: int | None):
     return ok[baseline_run], ok[candidate_run]
 
 
-def _render(project, cfg: EvaluateConfig, run_id: int, device, model_kwargs) -> None:
+def _render(project, cfg: EvaluateConfig, run_id: int, device, model_kwargs, pool) -> None:
     from flywheel.generate import generate
 
     g = project.config.generate
@@ -116,7 +120,7 @@ def _render(project, cfg: EvaluateConfig, run_id: int, device, model_kwargs) -> 
                           use_shipped_prompts=False, width=g.width, height=g.height, steps=g.steps,
                           guidance=g.guidance, max_sequence_length=g.max_sequence_length, batch_size=g.batch_size,
                           lora_scale=g.lora_scale, seed=cfg.seed)
-    generate(project, gcfg, lora_run_id=run_id, device=device, purpose="eval", **model_kwargs)
+    generate(project, gcfg, lora_run_id=run_id, device=device, purpose="eval", pool=pool, **model_kwargs)
 
 
 def _round_data(project, run, source_faces, sources, embedder, clip):

@@ -14,10 +14,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flywheel.config import GenerateConfig
 from flywheel.errors import ConfigError, StageError
 from flywheel.progress import ProgressFn, no_progress
+
+if TYPE_CHECKING:
+    from flywheel.models.pool import ModelPool
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,15 +61,16 @@ def prompt_bank(trigger: str, cfg: GenerateConfig) -> list[str]:
 
 
 def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | None = None, device: str | None = None,
-             progress: ProgressFn | None = None, purpose: str = "train", **model_kwargs) -> GenerateResult:
+             progress: ProgressFn | None = None, purpose: str = "train", pool: ModelPool | None = None,
+             **model_kwargs) -> GenerateResult:
     """Generate the round's synthetic images with the newest finished LoRA run (or ``lora_run_id``).
 
     ``purpose='eval'`` renders held-out evaluation images (``flywheel evaluate``): recorded under the
-    'evaluate' stage with ``images.purpose = 'eval'``, so no dataset ever trains on them.
+    'evaluate' stage with ``images.purpose = 'eval'``, so no dataset ever trains on them. The base comes
+    from ``pool`` (``flywheel.models.pool``: [models] load settings of the base role, loaded once per pool);
+    the round's LoRA is loaded onto it and unloaded again before returning.
     """
-    from flywheel.images import phash, phash_hex, pixel_sha256
-    from flywheel.models.base import TextToImageRequest
-    from flywheel.models.flux import FluxTextToImage
+    from flywheel.models.pool import stage_pool
 
     cfg = cfg or project.config.generate
     progress = progress or no_progress
@@ -97,15 +102,33 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
     n_todo = len(plan) - result.skipped
     if not batches:
         return result
-    # 2. Load the base model of the run with its LoRA.
-    model = FluxTextToImage.from_pretrained(
-        run["base_model"], device=device, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-        max_sequence_length=cfg.max_sequence_length, **model_kwargs)
-    model.load_lora(str(lora_path), name=f"round{run['round']}", scale=cfg.lora_scale)
+    # 2. The run's base (from the pool: loaded once) with the round's LoRA on it, unloaded at the end.
+    with stage_pool(project, pool, stage) as models:
+        if device is not None:
+            model_kwargs["device"] = device
+        model = models.text_to_image(run["base_model"], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                                     max_sequence_length=cfg.max_sequence_length, **model_kwargs)
+        model.load_lora(str(lora_path), name=f"round{run['round']}", scale=cfg.lora_scale)
+        try:
+            _render(project, model, plan_batches=batches, done=done, stage=stage, run=run, lora_path=lora_path,
+                    settings=settings, cfg=cfg, purpose=purpose, n_todo=n_todo, result=result, progress=progress)
+        finally:
+            model.unload_lora()
+    log.info("generate: %d images for round %d (%d already there)", len(result.image_ids), result.round, result.skipped)
+    return result
+
+
+def _render(project, model, *, plan_batches, done, stage, run, lora_path, settings, cfg, purpose, n_todo, result,
+            progress) -> None:
+    """Step 3 of ``generate``: render the batches, one operation row per image and its images row."""
+    from flywheel.images import phash, phash_hex, pixel_sha256
+    from flywheel.models.base import TextToImageRequest
+
+    cat = project.catalog
     # 3. Batches: one operation row per image, finished with the images row that points to it.
     with cat.operation(stage, kind="stage_run", model=model.model_id,
                        params={"lora_run_id": run["id"], "images": n_todo, **settings}) as stage_op:
-        for batch in batches:
+        for batch in plan_batches:
             ops = {i: cat.start_operation(stage, model=model.model_id, seed=seed, parent_id=stage_op, work_key=key,
                                           params={**model.params(), **settings, "prompt": prompt, "seed": seed,
                                                   "lora_run_id": run["id"], "lora_path": str(lora_path)})
@@ -131,9 +154,6 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
                     cat.finish_operation(op, "ok", ms, output_image_id=image_id)
                 result.image_ids.append(image_id)
             progress(len(result.image_ids), n_todo, "images")
-    del model
-    log.info("generate: %d images for round %d (%d already there)", len(result.image_ids), result.round, result.skipped)
-    return result
 
 
 def _lora_run(cat, lora_run_id: int | None):

@@ -108,10 +108,15 @@ def run_loop(project: Project, *, hooks: StageHooks | None = None, progress: Pro
 
 
 def _caption_and_judge(project, caption, judge, hooks, progress, step) -> None:
-    step("caption")
-    caption(project, vlm=hooks.captioner, progress=progress)
-    step("judge")
-    judge(project, vlm=hooks.judge_vlm, progress=progress)
+    """One pool for both stages: the judge reuses the captioner's VLM when [models] names the same model;
+    it is released before training."""
+    from flywheel.models.pool import ModelPool
+
+    with ModelPool(project.config.models, catalog=project.catalog) as pool:
+        step("caption")
+        caption(project, vlm=hooks.captioner, progress=progress, pool=pool)
+        step("judge")
+        judge(project, vlm=hooks.judge_vlm, progress=progress, pool=pool)
 
 
 def _train_round(project: Project, k: int, hooks: StageHooks, progress: ProgressFn) -> None:

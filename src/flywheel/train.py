@@ -52,10 +52,10 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
         ds = load_dataset(project, cat.query("SELECT version FROM dataset_versions WHERE id = ?",
                                              (run["dataset_id"],))[0]["version"])
         run_id, base = run["id"], run["base_model"]
-        _check_runnable(cfg, device)
+        _check_runnable(project, cfg, device)
     else:
         cfg = cfg or project.config.train
-        _check_runnable(cfg, device)  # before the run is recorded and minutes of loading
+        _check_runnable(project, cfg, device)  # before the run is recorded and minutes of loading
         base = base_model_folder(cfg, project.config.models.base)
         ds = load_dataset(project, dataset_version) if dataset_version else freeze_dataset(project, _next_round(cat))
         with cat.transaction():
@@ -101,15 +101,18 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
     from diffusers import FluxPipeline
     from peft import LoraConfig
 
-    from flywheel.models.flux import _device_dtype, _resolve
+    from flywheel.models.flux import _load_pipeline
 
-    # 2. Load the base pipeline; everything but the LoRA stays frozen.
-    device, dtype = _device_dtype(device, None)
+    # 2. Load the base pipeline through the shared loader ([models] base role: device, dtype; the memory
+    #    check counts the transformer at the precision it trains in). It stays on the CPU: the trainer moves
+    #    one part at a time to the GPU. Everything but the LoRA stays frozen.
+    load = base_load(project, cfg, device)
+    device = load.device
     if device.startswith("cuda"):  # cuDNN attention's backward hit illegal memory accesses (torch 2.11, H100)
         torch.backends.cuda.enable_cudnn_sdp(False)
-    source = _resolve(base)
-    pipe = FluxPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, source, _, dtype = _load_pipeline(FluxPipeline, base, dtype=load.dtype, device=device,
+                                            cpu_offload=load.cpu_offload, quantization="none", place=False,
+                                            check_precision=load.quantize)
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
         m.requires_grad_(False)
     model_key = hashlib.sha256(str(source).encode()).hexdigest()[:16]
@@ -135,14 +138,14 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
     #    LoRA, so peft wraps the quantized layers; fp8 after it), optimizer, schedule, generator; restore
     #    them all from the last checkpoint when resuming.
     transformer = pipe.transformer
-    if cfg.quantize_base in quantize.BEFORE_LORA:
-        quantize.quantize_base(transformer, cfg.quantize_base, device)
+    if load.quantize in quantize.BEFORE_LORA:
+        quantize.quantize_base(transformer, load.quantize, device)
     torch.manual_seed(cfg.seed)
     with warnings.catch_warnings():  # peft: torchao layers cannot merge without their config; we never merge
         warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
         transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                                            target_modules=cfg.target_modules))
-    if cfg.quantize_base == "fp8":
+    if load.quantize == "fp8":
         quantize.quantize_base(transformer, "fp8", device)
     transformer.to(device)
     named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
@@ -206,7 +209,8 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
     kohya = lora_io.save_kohya(state, run_dir / lora_io.KOHYA_FILE, lora_io.out_features_of(transformer))
     _artifact(project, "lora_kohya", kohya, run_id, step)
     resolved = {"train": cfg.model_dump(), "base_model_path": str(source), "dataset_version": ds.version,
-                "trigger": trigger, "lora_run_id": run_id, "device": device, "dtype": str(dtype)}
+                "trigger": trigger, "lora_run_id": run_id, "device": device, "dtype": str(dtype),
+                "quantize_base": load.quantize}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
     _artifact(project, "config", run_dir / "config.json", run_id, step)
     _artifact(project, "loss_csv", losses_io.save_csv(losses, run_dir / "loss.csv"), run_id, step)
@@ -241,11 +245,31 @@ def _lr_lambda(cfg: TrainConfig):
     return factor
 
 
-def _check_runnable(cfg: TrainConfig, device: str | None) -> None:
-    """Options that need a GPU or an optional library fail here, with what to do, not after the loading."""
-    from flywheel.models.flux import _device_dtype
+@dataclass
+class BaseLoad:
+    """How the FLUX base is loaded for training: [models] base role settings, the stage's device override,
+    and ``[train] quantize_base`` ('auto' follows the base role's [models] quantization)."""
 
-    quantize.check_quantize_support(cfg.quantize_base, _device_dtype(device, None)[0])
+    device: str
+    dtype: str
+    quantize: str
+    cpu_offload: bool
+
+
+def base_load(project, cfg: TrainConfig, device: str | None) -> BaseLoad:
+    from flywheel.models.hub import pick_device
+
+    role = project.config.models.for_role("base")
+    resolved = pick_device(device or role["device"])
+    dtype = role["dtype"] if role["dtype"] != "auto" else ("bfloat16" if resolved.startswith("cuda") else "float32")
+    mode = cfg.quantize_base if cfg.quantize_base != "auto" else role["quantization"]
+    return BaseLoad(resolved, dtype, mode, bool(role["cpu_offload"]))
+
+
+def _check_runnable(project, cfg: TrainConfig, device: str | None) -> None:
+    """Options that need a GPU or an optional library fail here, with what to do, not after the loading."""
+    load = base_load(project, cfg, device)
+    quantize.check_quantize_support(load.quantize, load.device)
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes  # noqa: F401

@@ -67,11 +67,14 @@ def load_text_to_image(spec: str, models_cfg: ModelsConfig | None = None, **over
 def load(spec: str, models_cfg: ModelsConfig | None = None, *, role: Role | None = None, **overrides: Any):
     """Resolve ``spec`` and build its adapter; ``role`` (if given) must match the model's family."""
     from flywheel.config import ModelsConfig
+    from flywheel.models.hub import check_cpu_for
 
     cfg = models_cfg or ModelsConfig()
     preset = get_preset(spec, role)
     if preset is not None and role is not None:
         _family_for_role(spec, preset.family, role)  # fail before any download
+    if preset is not None:  # no CUDA GPU for a full-size preset: say so before a download of many GB
+        check_cpu_for(spec, role, overrides.get("device") or cfg.for_role(role or preset.role)["device"])
     resolved = resolve(spec, role=role, trust_remote_code=cfg.trust_remote_code)
     family = _family_for_role(spec, resolved.family, role) if role else resolved.family
     settings = _settings(resolved, family, cfg, overrides)
@@ -154,23 +157,32 @@ def tiny_folder(preset: Preset) -> Path:
 
 
 def _settings(resolved: ResolvedModel, family: str, cfg: ModelsConfig, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Preset defaults < [models] config < explicit keyword overrides."""
+    """Preset defaults < [models] (with the role's [models.overrides]) < explicit keyword overrides."""
     settings: dict[str, Any] = dict(resolved.preset.settings) if resolved.preset else {}
-    settings.update(device=cfg.device, quantization=cfg.quantization)
+    load = cfg.for_role(ROLE_OF_FAMILY[family])
+    settings.update(device=load["device"], quantization=load["quantization"])
+    if load["dtype"] != "auto":
+        settings["dtype"] = load["dtype"]
     if family == "qwen_vl":
         settings["trust_remote_code"] = cfg.trust_remote_code
+        settings["batch_size"] = cfg.vlm_batch_size
         if "vlm_max_pixels" in cfg.model_fields_set or "max_pixels" not in settings:
             settings["max_pixels"] = cfg.vlm_max_pixels
+        if load["cpu_offload"]:
+            log.info("cpu_offload does not apply to the VLM (it is small next to the diffusion models); use "
+                     "quantization for it instead")
     else:
-        settings["cpu_offload"] = cfg.cpu_offload
+        settings["cpu_offload"] = load["cpu_offload"]
     settings.update(overrides)
     return settings
 
 
 def _device_dtype(resolved: ResolvedModel, settings: dict[str, Any]) -> None:
     """Resolve "auto" once and use the preset's GPU dtype on CUDA (float32 on CPU)."""
-    from flywheel.models.hub import pick_device
+    from flywheel.models.hub import check_cpu_can_run, pick_device
 
+    if resolved.preset is None:  # a folder or hub id: full size or not by its parameter count
+        check_cpu_can_run(resolved.label, settings.get("device", "auto"), folder=resolved.folder)
     settings["device"] = pick_device(settings.get("device", "auto"))
     if "dtype" not in settings and resolved.preset and settings["device"] == "cuda":
         settings["dtype"] = resolved.preset.dtype

@@ -15,34 +15,47 @@ log = logging.getLogger(__name__)
 
 def load_pipeline(cls, folder: Path, *, label: str, device: str, dtype: str | None, cpu_offload: bool,
                   quantization: str, vae_tiling: bool | None = None, quantize: tuple[str, ...] = ("transformer",),
-                  **kwargs: Any):
-    """``cls.from_pretrained`` with safetensors only, the right dtype, optional bitsandbytes and offload.
+                  place: bool = True, check_precision: str | None = None, **kwargs: Any):
+    """``cls.from_pretrained`` with safetensors only, the right dtype, optional quantization and offload:
+    the one way every diffusers pipeline (editors, FLUX base for generation and training) is loaded.
 
-    ``vae_tiling`` (default: on with ``cpu_offload``) bounds VAE memory on large images; it is slower,
-    so it is off when memory is not the constraint.
+    ``quantization``: "nf4" / "int8" through diffusers' ``PipelineQuantizationConfig`` (bitsandbytes) at
+    load time, for the ``quantize`` components; "fp8" stores those components' weights in float8 and
+    computes in ``dtype`` (diffusers' layerwise casting). ``place=False`` leaves the components on the CPU
+    for a caller that moves them itself (the trainer; ``check_precision`` is then the precision its
+    ``quantize`` components will have on the GPU, for the memory check). ``vae_tiling`` (default: on with ``cpu_offload``)
+    bounds VAE memory on large images; it is slower, so it is off when memory is not the constraint.
     """
     import torch
 
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    if quantization != "none":
+    if quantization in ("nf4", "int8"):
         if device != "cuda":
             raise ConfigError(f"quantization = {quantization!r} needs a CUDA GPU; this run is on {device}",
-                              hint='set quantization = "none" in [models], or run on a GPU')
+                              hint='set quantization = "none" (or "fp8") in [models], or run on a GPU')
         kwargs["quantization_config"] = _pipeline_quantization(quantization, torch_dtype, quantize)
-    if device == "cuda" and not cpu_offload:
-        n_params, _ = count_parameters(folder)
-        precision = quantization if quantization != "none" else str(torch_dtype).removeprefix("torch.")
-        check_gpu_memory(label, estimate_bytes(n_params, precision), torch.cuda.mem_get_info()[0],
-                         precision=precision, n_params=n_params)
+    elif quantization not in ("none", "fp8"):
+        raise ConfigError(f"unknown quantization {quantization!r}", hint="use none, fp8, nf4 or int8")
+    if device == "cuda":
+        precision = check_precision or quantization
+        precision = precision if precision != "none" else str(torch_dtype).removeprefix("torch.")
+        n_params, needed = needed_bytes(folder, precision, str(torch_dtype).removeprefix("torch."), quantize,
+                                        whole=place and not cpu_offload)
+        check_gpu_memory(label, needed, torch.cuda.mem_get_info()[0], precision=precision, n_params=n_params)
     try:
         pipe = cls.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ModelLoadError(f"cannot load {label} as {cls.__name__} from {folder}: {err}",
+        raise ModelLoadError(f"cannot load {label} as {cls.__name__} from {folder}: {err}".split("\n")[0],
                              hint="check that the folder is a complete diffusers download (model_index.json, "
                              "one subfolder per component, *.safetensors)") from None
-    if cpu_offload and device == "cuda":
+    if quantization == "fp8":  # weights stored in fp8, each layer cast up to `dtype` when it runs
+        for name in quantize:
+            component = getattr(pipe, name, None)
+            if component is not None and hasattr(component, "enable_layerwise_casting"):
+                component.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch_dtype)
+    if place and cpu_offload and device == "cuda":
         pipe.enable_model_cpu_offload()
-    else:
+    elif place:
         pipe.to(device)
     if (cpu_offload if vae_tiling is None else vae_tiling) and hasattr(pipe.vae, "enable_tiling"):
         pipe.vae.enable_tiling()
@@ -50,6 +63,24 @@ def load_pipeline(cls, folder: Path, *, label: str, device: str, dtype: str | No
     log.info("loaded %s (%s) on %s, %s, offload=%s, quantization=%s", label, cls.__name__, device, torch_dtype,
              cpu_offload, quantization)
     return pipe, torch_dtype
+
+
+def needed_bytes(folder: Path, precision: str, dtype: str, quantized: tuple[str, ...], *,
+                 whole: bool) -> tuple[int, int]:
+    """(parameters, GPU bytes to expect) for a diffusers folder: every component at once when ``whole``,
+    else the largest one (model offload keeps one component on the GPU at a time; a trainer moves them)."""
+    per_component = []
+    total_params = 0
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        n_params, _ = count_parameters(sub)
+        if not n_params:
+            continue
+        total_params += n_params
+        per_component.append(estimate_bytes(n_params, precision if sub.name in quantized else dtype))
+    if not per_component:  # not a diffusers layout: count the folder as one block
+        total_params, _ = count_parameters(folder)
+        per_component = [estimate_bytes(total_params, precision)]
+    return total_params, sum(per_component) if whole else max(per_component)
 
 
 def _pipeline_quantization(quantization: str, compute_dtype, components: tuple[str, ...]):

@@ -1,0 +1,181 @@
+"""The models of one command, loaded once and released on purpose: ``ModelPool``.
+
+Every stage gets its models from a pool (``pool.vlm(spec)``, ``pool.editor(spec)``, ``pool.text_to_image(spec)``),
+which loads through ``flywheel.models.load`` (one path: ``[models]`` device, dtype, offload, quantization
+per role, and the memory check) and hands back the same adapter while its settings are unchanged. So
+caption and judge share one VLM when they name the same model, and evaluate renders both rounds with one
+base, swapping LoRAs. A pool holds one model at a time by default: asking for another releases the first,
+because on a 24 GB card two of these models never fit together.
+
+A stage given no pool makes its own and releases it when it ends (``stage_pool``); ``flywheel run`` passes
+one pool along and releases it between stages that use different models. Releasing drops every reference,
+collects garbage and returns cached CUDA blocks, and logs allocated memory against the pool's baseline.
+Each load leaves an operation row (a model call whose params say ``"action": "load"``, with the seconds, GPU
+memory after loading and the resolved settings), so a run's loads can be counted from the catalog
+(``load_counts``; benchmarks/loop.py prints them per stage).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flywheel.catalog.db import Catalog
+    from flywheel.config import ModelsConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Held:
+    key: tuple
+    role: str
+    label: str
+    adapter: Any
+
+
+@dataclass
+class ModelPool:
+    """Loaded adapters keyed by (role, spec, settings); see the module docstring."""
+
+    models_cfg: ModelsConfig
+    catalog: Catalog | None = None
+    stage: str = "load"
+    exclusive: bool = True  # one model at a time: loading another releases the rest
+    held: list[_Held] = field(default_factory=list)
+    loads: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, role, label) of every load
+    baseline_bytes: int | None = None
+
+    def vlm(self, spec: str, **overrides: Any):
+        return self.get("vlm", spec, **overrides)
+
+    def editor(self, spec: str, **overrides: Any):
+        return self.get("editor", spec, **overrides)
+
+    def text_to_image(self, spec: str, **overrides: Any):
+        return self.get("text_to_image", spec, **overrides)
+
+    def get(self, role: str, spec: str, **overrides: Any):
+        """The adapter for ``spec`` in ``role``: the one already held, or a fresh load."""
+        key = (role, spec, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        for held in self.held:
+            if held.key == key:
+                log.debug("pool: reusing %s for %s", held.label, self.stage)
+                return held.adapter
+        if self.exclusive and self.held:
+            self.release()
+        return self._load(key, role, spec, overrides)
+
+    def _load(self, key: tuple, role: str, spec: str, overrides: dict[str, Any]):
+        from flywheel.models import load
+
+        if self.baseline_bytes is None:
+            self.baseline_bytes = _allocated()
+        log.info("loading %s (%s) for %s ...", spec, role, self.stage)
+        t0 = time.perf_counter()
+        op = self.catalog.start_operation(self.stage, model=spec, params={"action": "load", "role": role, **overrides}
+                                          ) if self.catalog else None
+        try:
+            adapter = load(spec, self.models_cfg, role=role, **overrides)  # type: ignore[arg-type]
+        except BaseException as err:
+            if op is not None:
+                self.catalog.finish_operation(op, "failed", _ms(t0), f"{type(err).__name__}: {err}".split("\n")[0])
+            raise
+        seconds = time.perf_counter() - t0
+        if op is not None:
+            self._record(op, adapter, seconds)
+        label = getattr(adapter, "model_id", spec)
+        log.info("loaded %s in %.1f s (%s)", label, seconds, _memory_line())
+        self.held.append(_Held(key, role, label, adapter))
+        self.loads.append((self.stage, role, label))
+        return adapter
+
+    def _record(self, op: int, adapter, seconds: float) -> None:
+        import json
+
+        params = {"action": "load", "seconds": round(seconds, 3), "gpu_allocated_gib": round(_allocated() / 1024**3, 3),
+                  **_jsonable(adapter.params())}
+        with self.catalog.transaction():
+            self.catalog.execute("UPDATE operations SET params_json = ?, model = ? WHERE id = ?",
+                                 (json.dumps(params, sort_keys=True, default=str), adapter.model_id, op))
+        self.catalog.finish_operation(op, "ok", int(seconds * 1000))
+
+    def release(self) -> None:
+        """Drop every held model and give the memory back (GPU caches included)."""
+        if not self.held:
+            return
+        labels = [h.label for h in self.held]
+        for held in self.held:
+            close = getattr(held.adapter, "close", None)
+            if callable(close):
+                close()
+        self.held.clear()
+        free_accelerator_memory()
+        log.info("released %s (%s)", ", ".join(labels), _memory_line(self.baseline_bytes))
+
+    def __enter__(self) -> ModelPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextmanager
+def stage_pool(project, pool: ModelPool | None, stage: str) -> Iterator[ModelPool]:
+    """The pool a stage loads from: the caller's (kept loaded for the next stage), or its own (released at
+    the end of the stage, also when it fails)."""
+    if pool is not None:
+        previous, pool.stage = pool.stage, stage
+        try:
+            yield pool
+        finally:
+            pool.stage = previous
+        return
+    with ModelPool(project.config.models, catalog=project.catalog, stage=stage) as own:
+        yield own
+
+
+def load_counts(catalog: Catalog) -> dict[str, int]:
+    """How many model loads each stage made, from the catalog's load rows."""
+    rows = catalog.query("SELECT stage, COUNT(*) AS n FROM operations WHERE kind = 'model_call' AND status = 'ok' "
+                         "AND json_extract(params_json, '$.action') = 'load' GROUP BY stage")
+    return {r["stage"]: int(r["n"]) for r in rows}
+
+
+def free_accelerator_memory() -> None:
+    """Collect garbage and return cached CUDA blocks (torch is only touched if a model imported it)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _allocated() -> int:
+    torch = sys.modules.get("torch")
+    return int(torch.cuda.memory_allocated()) if torch is not None and torch.cuda.is_available() else 0
+
+
+def _memory_line(baseline: int | None = None) -> str:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return "no CUDA GPU"
+    gib = 1024**3
+    now = torch.cuda.memory_allocated() / gib
+    extra = f", baseline {baseline / gib:.2f} GiB" if baseline is not None else ""
+    return f"GPU {now:.2f} GiB allocated, peak {torch.cuda.max_memory_allocated() / gib:.2f} GiB{extra}"
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)) for k, v in params.items()}
+
+
+def _ms(t0: float) -> int:
+    return int((time.perf_counter() - t0) * 1000)
