@@ -45,7 +45,7 @@ def test_preset_missing_offline_names_model_folder_and_fetch_command(monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelNotFoundError) as err:
-        load_vlm("qwen2-vl-2b")
+        load_vlm("qwen2-vl-2b", ModelsConfig(device="cpu"))  # CPU asked for: no "no GPU" error first
     msg = str(err.value)
     assert "Qwen/Qwen2-VL-2B-Instruct" in msg
     assert str(tmp_path / "hf" / "hub" / "models--Qwen--Qwen2-VL-2B-Instruct") in msg
@@ -61,7 +61,7 @@ def test_preset_loads_offline_from_the_hf_cache(monkeypatch, tmp_path, tiny_vlm_
     shutil.copytree(tiny_vlm_dir, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    vlm = load_vlm("qwen2-vl-2b")
+    vlm = load_vlm("qwen2-vl-2b", ModelsConfig(device="cpu"))
     assert vlm.model_id == "qwen2-vl-2b"
     assert len(vlm.generate([ChatRequest("hi")], max_new_tokens=2)) == 1
 

@@ -47,6 +47,10 @@ class InsufficientMemoryError(FlywheelError):
     """Not enough GPU/CPU memory for the model as configured; the hint lists the options."""
 
 
+class NoGPUError(FlywheelError):
+    """A full-size model would run on the CPU because there is no CUDA GPU; the hint says what runs on CPU."""
+
+
 class ModelOutputError(FlywheelError):
     """A model returned output Flywheel cannot use (e.g. a judge answer that is not the expected JSON)."""
 

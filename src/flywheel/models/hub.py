@@ -1,7 +1,10 @@
 """Find model weights (local folder or Hugging Face hub id), offline-aware, safetensors only.
 
 Every failure here is one error that tells the user what to run: the model, the folder that was
-searched and the ``hf download`` command; or, for memory, the figure needed and the options.
+searched and the ``hf download`` command; or, for memory, the figure needed and the options
+(downloading itself and its errors: ``flywheel.models.download``). Downloads fetch only what the loaders read (``allow_patterns``): for a diffusers repo, model_index.json
+and the component folders it names, never the single-file checkpoints some repos keep at their root
+(FLUX.1-dev's ``flux1-dev.safetensors`` and ``ae.safetensors``: ~24 GB nobody here loads).
 """
 
 from __future__ import annotations
@@ -10,16 +13,24 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flywheel.errors import InsufficientMemoryError, ModelLoadError, ModelNotFoundError
+from flywheel.errors import InsufficientMemoryError, ModelLoadError, ModelNotFoundError, NoGPUError
 
 log = logging.getLogger(__name__)
 
-# What we fetch from the hub: configs, tokenizers and safetensors weights, never pickles.
+# A transformers repo (config.json at the root): configs, tokenizers and safetensors weights, never pickles.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+# In each component folder of a diffusers repo: configs and tokenizer files, and the weight files
+# diffusers' loader reads without a variant (its non-variant names in ``variant_compatible_siblings``):
+# ``diffusion_pytorch_model`` for diffusers models, ``model`` for transformers ones, whole or sharded.
+_COMPONENT_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken",
+                    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-?????-of-?????.safetensors",
+                    "model.safetensors", "model-?????-of-?????.safetensors"]
+LAYOUT_FILES = ["model_index.json", "config.json"]  # which of the two a repo has tells its loader
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -42,6 +53,38 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~", "\\")) or (len(spec) > 1 and spec[1] == ":") or Path(spec).exists()
 
 
+def diffusers_components(model_index: dict[str, Any]) -> list[str]:
+    """The component folders a model_index.json names (``"image_encoder": [null, null]`` is not one)."""
+    return sorted(k for k, v in model_index.items()
+                  if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and all(v))
+
+
+def allow_patterns(model_index: dict[str, Any] | None, *, trust_remote_code: bool = False) -> list[str]:
+    """The files a loader reads: a transformers repo's root files (``model_index=None``), or a diffusers
+    repo's model_index.json plus its components' files. Model code (``*.py``) only when trusted."""
+    if model_index is None:
+        return ALLOW_PATTERNS + (["*.py"] if trust_remote_code else [])
+    patterns = ["model_index.json"]
+    for component in diffusers_components(model_index):
+        patterns += [f"{component}/{p}" for p in _COMPONENT_FILES + (["*.py"] if trust_remote_code else [])]
+    return patterns
+
+
+def select_files(paths: Iterable[str], patterns: list[str]) -> list[str]:
+    """The repo paths ``snapshot_download(allow_patterns=patterns)`` fetches (huggingface_hub's own matcher)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    return list(filter_repo_objects(list(paths), allow_patterns=patterns))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files the loader of ``folder`` reads: what is downloaded, counted and checked."""
+    index = folder / "model_index.json"
+    patterns = allow_patterns(read_json(index) if index.is_file() else None)
+    found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors"))
+    return [folder / p for p in select_files(found, patterns)]
+
+
 def resolve_model(spec: str, *, name: str | None = None, trust_remote_code: bool = False) -> Path:
     """Return a local folder holding ``spec``'s weights; download a hub id unless HF_HUB_OFFLINE is set."""
     label = name or spec
@@ -55,32 +98,51 @@ def resolve_model(spec: str, *, name: str | None = None, trust_remote_code: bool
             )
         check_weights(folder, label)
         return folder
-    return _snapshot(spec, label, trust_remote_code)
+    from flywheel.models.download import snapshot
+
+    return snapshot(spec, label, trust_remote_code)
 
 
-def _snapshot(repo_id: str, label: str, trust_remote_code: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+def check_cpu_can_run(label: str, requested_device: str, *, full_size: bool | None = None,
+                      folder: Path | None = None) -> None:
+    """``device = "auto"`` on a machine without CUDA and a full-size model: say so before any download.
 
-    cache = hub_cache_dir()
-    looked_in = cache / ("models--" + repo_id.replace("/", "--"))
-    fetch = f"hf download {repo_id}"
-    patterns = ALLOW_PATTERNS + (["*.py"] if trust_remote_code else [])  # model code only when trusted
-    try:
-        folder = Path(snapshot_download(repo_id, cache_dir=str(cache), allow_patterns=patterns,
-                                        local_files_only=is_offline()))
-    except LocalEntryNotFoundError:
-        raise ModelNotFoundError(
-            f"model '{label}' ({repo_id}) is not downloaded: looked in {looked_in} (HF_HUB_OFFLINE is set)",
-            hint=f"run `{fetch}` on a machine with internet (same HF_HOME), or set the model to a local folder",
-        ) from None
-    except Exception as err:  # network, auth (gated repos), missing repo: all end in the same advice
-        raise ModelNotFoundError(
-            f"model '{label}' ({repo_id}) could not be fetched into {looked_in}: {type(err).__name__}: {err}",
-            hint=f"run `{fetch}` (gated models need `hf auth login` and accepting the licence on the hub page)",
-        ) from None
-    check_weights(folder, label, fetch=fetch)
-    return folder
+    ``full_size`` is known for presets (not tiny); for a folder it is read from its safetensors headers
+    (``FULL_SIZE_PARAMS``). An explicit ``device = "cpu"`` is what the user asked for, and loads.
+    """
+    if requested_device != "auto":
+        return
+    if full_size is None:
+        full_size = folder is not None and count_parameters(folder)[0] >= FULL_SIZE_PARAMS
+    if not full_size:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    raise NoGPUError(
+        f"model '{label}' is a full-size model and this machine has no CUDA GPU (device = \"auto\")",
+        hint="start from configs/examples/cpu-only.toml: on a CPU Flywheel runs ingest, the composite editor, "
+        "template captions, the pixel-signal judge, review, export and the tiny-* presets; "
+        'set device = "cpu" in [models] to load this model on the CPU anyway (very slow)',
+    )
+
+
+def check_cpu_for(spec: str, role: str | None, requested_device: str) -> None:
+    """``check_cpu_can_run`` for a preset name or a local folder, before anything is downloaded (a hub id
+    that is not a preset is checked once it is on disk, by the loader)."""
+    from flywheel.models.presets import get_preset
+
+    preset = get_preset(spec, role)  # type: ignore[arg-type]
+    if preset is not None:
+        check_cpu_can_run(preset.name, requested_device, full_size=preset.tiny is None)
+    elif looks_like_path(spec) and Path(spec).expanduser().is_dir():
+        check_cpu_can_run(spec, requested_device, folder=Path(spec).expanduser())
+
+
+# Above this many parameters a model is "full size" (minutes per image on a CPU). The tiny presets have
+# a few million; the smallest real preset (instruct-pix2pix) about a billion.
+FULL_SIZE_PARAMS = 100_000_000
 
 
 def check_weights(folder: Path, label: str, *, fetch: str | None = None) -> None:
@@ -90,7 +152,7 @@ def check_weights(folder: Path, label: str, *, fetch: str | None = None) -> None
             f"model '{label}': {folder} has no config.json or model_index.json, so it is not a Hugging Face model folder",
             hint=fetch and f"run `{fetch}`" or "point at the folder that holds config.json (or model_index.json)",
         )
-    if any(folder.rglob("*.safetensors")):
+    if weight_files(folder):
         return
     pickles = [p.name for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
     if pickles:
@@ -107,9 +169,10 @@ def check_weights(folder: Path, label: str, *, fetch: str | None = None) -> None
 
 
 def count_parameters(folder: Path) -> tuple[int, int]:
-    """(parameters, bytes on disk) from the safetensors headers alone: no tensor is read."""
+    """(parameters, bytes on disk) of the weights the loader reads (``weight_files``: not a diffusers repo's
+    root single-file checkpoints), from the safetensors headers alone: no tensor is read."""
     n_params = n_bytes = 0
-    for file in folder.rglob("*.safetensors"):
+    for file in weight_files(folder):
         with open(file, "rb") as fh:
             (size,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(size))
@@ -125,7 +188,7 @@ def count_parameters(folder: Path) -> tuple[int, int]:
 
 
 # Bytes per parameter once loaded, plus ~20% for activations, buffers and the CUDA context.
-BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.1, "nf4": 0.6}
+BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "int8": 1.1, "nf4": 0.6}
 OVERHEAD = 1.2
 
 
