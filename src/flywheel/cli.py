@@ -39,17 +39,29 @@ def rich_progress(description: str) -> Iterator:
 
 
 class FlywheelGroup(click.Group):
-    """Turns FlywheelError into a readable message + hint and exit code 1 (no traceback)."""
+    """Turns FlywheelError into a readable message + hint and exit code 1 (no traceback); so too a full disk
+    or a read-only folder met outside the catalog and the store (an export folder, a run folder)."""
 
     def invoke(self, ctx: click.Context):
+        from flywheel.catalog import oserrors
+
         try:
             return super().invoke(ctx)
         except FlywheelError as err:
-            msg = FlywheelError.__str__(err).split("\n  hint: ")[0]
-            click.secho(f"Error: {msg}", fg="red", err=True)
-            if err.hint:
-                click.secho(f"Hint: {err.hint}", fg="yellow", err=True)
-            sys.exit(1)
+            _exit_with(err)
+        except OSError as err:
+            storage = oserrors.from_os_error(err, in_project=False)
+            if storage is None:  # anything else is a bug: keep its traceback
+                raise
+            _exit_with(storage)
+
+
+def _exit_with(err: FlywheelError) -> None:
+    msg = FlywheelError.__str__(err).split("\n  hint: ")[0]
+    click.secho(f"Error: {msg}", fg="red", err=True)
+    if err.hint:
+        click.secho(f"Hint: {err.hint}", fg="yellow", err=True)
+    sys.exit(1)
 
 
 @click.group(cls=FlywheelGroup)
@@ -119,13 +131,15 @@ def ingest(ctx: click.Context, paths: tuple[str, ...]) -> None:
 
 
 def _print_ingest(result) -> None:
+    from flywheel.ingest import one_line  # file names may hold newlines or escape codes: one line per file
+
     for item in result.rejected:
-        click.secho(f"  rejected  {item.path}: {item.reason}", fg="red")
+        click.secho(f"  rejected  {one_line(item.path)}: {one_line(item.reason)}", fg="red")
     for item in result.skipped:
-        click.echo(f"  skipped   {item.path}: {item.reason}")
+        click.echo(f"  skipped   {one_line(item.path)}: {one_line(item.reason)}")
     for item in result.added:
-        note = f" ({item.reason})" if item.reason else ""
-        click.secho(f"  added     {item.path}{note}", fg="green")
+        note = f" ({one_line(item.reason)})" if item.reason else ""
+        click.secho(f"  added     {one_line(item.path)}{note}", fg="green")
     click.echo(f"ingest: {len(result.added)} added, {len(result.skipped)} skipped, {len(result.rejected)} rejected")
 
 

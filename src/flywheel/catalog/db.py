@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flywheel.catalog import oserrors
 from flywheel.catalog.migrations import MIGRATIONS
-from flywheel.errors import CatalogError
+from flywheel.errors import CatalogError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,13 @@ def migrate(conn: sqlite3.Connection, migrations: list[tuple[str, str]] = MIGRAT
         )
     done: list[str] = []
     for name, sql in migrations:
-        conn.execute("BEGIN IMMEDIATE")  # take the write lock before re-checking: two processes may race
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # take the write lock before re-checking: two processes may race
+        except sqlite3.OperationalError as err:  # a read-only project, or another process holding the lock
+            storage = oserrors.from_sqlite_error(err, _db_path(conn))
+            if storage is None:
+                raise
+            raise storage from err
         try:
             if conn.execute(f"SELECT 1 FROM {MIGRATIONS_TABLE} WHERE name = ?", (name,)).fetchone():
                 conn.execute("COMMIT")
@@ -69,7 +76,11 @@ def migrate(conn: sqlite3.Connection, migrations: list[tuple[str, str]] = MIGRAT
             )
             conn.execute("COMMIT")
         except sqlite3.Error as err:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            storage = oserrors.from_sqlite_error(err, _db_path(conn))
+            if storage is not None:  # a full disk or a read-only file is not a broken migration
+                raise storage from err
             raise CatalogError(
                 f"catalog migration {name} failed and was rolled back: {err}",
                 hint="the catalog is unchanged; report this as a bug with the message above",
@@ -92,29 +103,40 @@ class Catalog:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic unit of work; nested uses join the outer transaction."""
         if self._depth == 0:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self.execute("BEGIN IMMEDIATE")
         self._depth += 1
         try:
             yield self.conn
         except BaseException:
             self._depth -= 1
-            if self._depth == 0:
+            if self._depth == 0 and self.conn.in_transaction:  # SQLite may have rolled back already (disk full)
                 self.conn.execute("ROLLBACK")
             raise
         self._depth -= 1
         if self._depth == 0:
-            self.conn.execute("COMMIT")
+            try:
+                self.execute("COMMIT")
+            except StorageError:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
 
     def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
-        return self.conn.execute(sql, params)
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.OperationalError as err:  # disk full, read-only, locked: one line for the user
+            storage = oserrors.from_sqlite_error(err, self.path)
+            if storage is None:
+                raise
+            raise storage from err
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
-        return list(self.conn.execute(sql, params))
+        return list(self.execute(sql, params))
 
     def insert(self, table: str, row: dict[str, Any]) -> int:
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        cur = self.conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", tuple(row.values()))
+        cur = self.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", tuple(row.values()))
         return int(cur.lastrowid)
 
     # -- operations ---------------------------------------------------------------------------------
@@ -173,7 +195,11 @@ class Catalog:
         try:
             yield op_id
         except BaseException as err:
-            self.finish_operation(op_id, "failed", int((time.perf_counter() - t0) * 1000), f"{type(err).__name__}: {err}")
+            try:
+                self.finish_operation(op_id, "failed", int((time.perf_counter() - t0) * 1000),
+                                      f"{type(err).__name__}: {err}")
+            except StorageError as also:  # a full disk: the row stays 'running' (a re-run takes it over)
+                log.warning("catalog: could not mark operation %d failed: %s", op_id, also.args[0])
             raise
         self.finish_operation(op_id, "ok", int((time.perf_counter() - t0) * 1000))
 
@@ -189,6 +215,9 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA synchronous=NORMAL")
     except sqlite3.DatabaseError as err:
+        storage = oserrors.from_sqlite_error(err, path)
+        if storage is not None:  # a read-only folder or a full disk is not a corrupt catalog
+            raise storage from err
         raise CatalogError(
             f"cannot open the catalog {path}: {err}",
             hint="the file may be corrupt or not a Flywheel catalog; restore it from a backup",
@@ -196,9 +225,19 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _db_path(conn: sqlite3.Connection) -> str:
+    return next((r[2] for r in conn.execute("PRAGMA database_list") if r[1] == "main"), "the catalog")
+
+
 def open_catalog(path: Path) -> Catalog:
     """Open (creating if needed) and migrate a catalog."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        storage = oserrors.from_os_error(err, path.parent)
+        if storage is None:
+            raise
+        raise storage from err
     conn = connect(path)
     try:
         migrate(conn)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from flywheel.catalog import oserrors
 from flywheel.errors import CatalogError
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -45,16 +46,25 @@ class ImageStore:
     def _write(self, path: Path, data: bytes) -> None:
         if path.exists():
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        except OSError as err:  # a read-only project, or a disk too full for a directory entry
+            storage = oserrors.from_os_error(err, path.parent)
+            if storage is None:
+                raise
+            raise storage from err
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as err:
+            Path(tmp).unlink(missing_ok=True)  # never leave a half-written file, even under a temporary name
+            storage = oserrors.from_os_error(err, path) if isinstance(err, OSError) else None
+            if storage is not None:
+                raise storage from err
             raise
 
     def put_image(self, image: Image.Image) -> tuple[str, Path]:
