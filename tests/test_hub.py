@@ -190,11 +190,11 @@ def test_gated_missing_repo_missing_file_and_refused_login_each_say_what_to_do(m
          "in, or the token is invalid): HfHubHTTPError: 401 Client Error. Invalid credentials",
          "`hf auth login` (or set HF_TOKEN) and retry"),
     ]
-    for exc, message, hint in cases:
+    for exc, text, hint in cases:
         monkeypatch.setattr(huggingface_hub, "snapshot_download", _raising(exc))
         with pytest.raises(ModelNotFoundError) as err:
             resolve_model("black-forest-labs/FLUX.1-dev", name="flux-dev")
-        assert message(err) == message and err.value.hint == hint
+        assert message(err) == text and err.value.hint == hint
 
 
 def test_the_cli_shows_a_download_error_as_two_lines_without_a_traceback(monkeypatch, tmp_path):
