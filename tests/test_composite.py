@@ -129,3 +129,74 @@ def test_each_background_is_its_own_scene_and_contact_sheet(outputs, book, edito
     tiles = [np.asarray(outputs[rid].resize((256, 256))) for rid in ids[:6]]
     rows = [np.concatenate(tiles[i:i + 3], axis=1) for i in range(0, len(tiles) - len(tiles) % 3, 3)]
     Image.fromarray(np.concatenate(rows, axis=0)).save("/tmp/composite_sheet.png")
+
+
+@pytest.fixture(scope="module")
+def cat() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.chelsea())  # a cat's face fills the frame: not a person in a scene
+
+
+def test_a_failed_subject_mask_is_reported_on_the_image_and_a_good_one_is_not(editor, book, astronaut, cat):
+    def report(image, rid):
+        return editor.edit([EditRequest(image, "", seed=0, recipe=book.recipes[rid])])[0].info.get("subject_mask")
+
+    for rid in ("forest", "sunset"):  # a cut-out, and a rim light drawn along the mask's edge
+        good, bad = report(astronaut, rid), report(cat, rid)
+        assert good["ok"] and good["problem"] is None and 0.4 < good["coverage"] < 0.7, rid
+        assert not bad["ok"] and bad["coverage"] > 0.85, rid
+        assert bad["problem"].startswith("subject mask failed: covers 9") and "no person separable" in bad["problem"]
+    # Edits that never use the mask carry no report.
+    assert report(cat, "oil_painting") is None and report(cat, "overcast") is None
+
+
+def test_mask_quality_names_each_failure_shape():
+    from flywheel.signals.segmentation import mask_quality
+
+    h = w = 200
+    yy, xx = np.mgrid[0:h, 0:w]
+    person = (((yy - 120) / 80) ** 2 + ((xx - 100) / 50) ** 2 <= 1).astype(np.float32)
+    assert mask_quality(person).ok
+    assert "no person found" in mask_quality(np.zeros((h, w), np.float32)).problem
+    assert "low confidence" in mask_quality(person * 0.6).problem  # a soft grey blob
+    bits = np.zeros((h, w), np.float32)
+    for cy, cx in [(40, 40), (40, 160), (160, 40), (160, 160)]:
+        bits[cy - 25:cy + 25, cx - 25:cx + 25] = 1.0
+    q = mask_quality(bits)
+    assert "fragmented: its largest part holds 25%" in q.problem and q.parts == 4
+
+
+def test_harmonize_moves_the_subject_toward_the_scene_around_it_not_the_far_scene(editor, astronaut):
+    import cv2
+
+    from flywheel.models.composite import NEAR_FRACTION, harmonize
+
+    rgb = arr(astronaut)
+    alpha = editor.subject_mask(rgb)
+    inside = alpha > 0.5
+    distance = cv2.distanceTransform((~inside).astype(np.uint8), cv2.DIST_L2, 5)
+    near = (distance > 0) & (distance <= NEAR_FRACTION * SIZE)
+    scene = np.empty_like(rgb)
+    scene[:] = (0.95, 0.9, 0.3)  # bright yellow far away...
+    scene[near] = (0.05, 0.1, 0.45)  # ...dark blue right around the subject
+
+    def lab_mean(image):
+        return cv2.cvtColor(image.astype(np.float32), cv2.COLOR_RGB2LAB)[inside].mean(0)
+
+    before, after = lab_mean(rgb), lab_mean(harmonize(rgb, scene, alpha, 0.5))
+    band = cv2.cvtColor(scene, cv2.COLOR_RGB2LAB)[near].mean(0)
+    assert after[0] < before[0] - 3, "the subject darkens toward the dark band, not the bright far scene"
+    assert after[2] < before[2] - 5, "and turns bluer (LAB b falls)"
+    assert np.linalg.norm(after - band) < np.linalg.norm(before - band) - 5
+    assert np.array_equal(harmonize(rgb, scene, alpha, 0.0), rgb)
+
+
+def test_composite_captions_claim_only_what_the_cpu_editor_renders(book):
+    not_rendered = ("anime illustration", "low angle shot", "high angle shot", "seen from", "3D render",
+                    "comic book panel", "oil painting", "watercolor painting", "standing in a forest")
+    for recipe in book.recipes.values():
+        text = recipe.caption_for("composite")
+        assert text and not any(claim in text for claim in not_rendered), (recipe.id, text)
+        assert recipe.caption_for("qwen-image-edit") == recipe.caption  # generative editors do render the prompt
+    assert book.recipes["anime"].caption_for("composite") == "posterised cel-shading filter, dark ink outlines"

@@ -10,6 +10,8 @@ add their own files via ``[enrich] extra_recipe_files``. A file looks like::
     axis = "background"
     prompt = "Change the background to a forest, keep everything else the same."
     keep = "Keep the person's face, hair, outfit and pose identical."
+    caption = "standing in a forest, trees in the background"
+    composite_caption = "in front of an illustrated forest backdrop"   # optional: what the CPU editor makes
     composite = { scene = "forest" }
 
 Every problem is reported as a ``ConfigError`` naming the file and the key path (``recipes.forest.axis``).
@@ -51,7 +53,8 @@ class BackgroundSpec(Spec):
     scene: Literal["forest", "city_night", "beach", "snowy_mountain", "studio", "desert"]
     colors: list[RGB] = Field(default_factory=list, max_length=2, description="studio only: backdrop centre, edge")
     blur: float = Field(0.0, ge=0.0, le=10.0, description="extra depth-of-field blur of the scene (px at 512 px)")
-    harmonize: Unit = Field(0.25, description="how far the subject's colours move toward the scene's (LAB)")
+    harmonize: Unit = Field(0.25, description="how far the subject's LAB mean and spread move toward the scene "
+                            "around it")
 
     @model_validator(mode="after")
     def _colors_only_for_studio(self) -> BackgroundSpec:
@@ -121,6 +124,9 @@ class Recipe(BaseModel):
     prompt: str = Field(min_length=1)
     keep: str = Field(min_length=1, description="what must stay the same, e.g. 'Keep the face identical.'")
     caption: str | None = Field(None, min_length=1, description="what the result shows, for template captions")
+    composite_caption: str | None = Field(
+        None, min_length=1, description="what the CPU composite editor's result really shows, when it differs "
+        "from 'caption' (a posterise filter is not an anime illustration; a 2D warp is not a low angle)")
     composite: CompositeSpec
 
     @model_validator(mode="before")
@@ -136,6 +142,12 @@ class Recipe(BaseModel):
         if self.id in (*AXES, "all"):
             raise ValueError(f"'{self.id}' is reserved (it selects a whole axis in [enrich] recipes); rename it")
         return self
+
+    def caption_for(self, backend: str) -> str | None:
+        """The template caption for edits made by ``backend``: the composite editor's own when it has one."""
+        if backend == "composite" and self.composite_caption:
+            return self.composite_caption
+        return self.caption
 
     @property
     def full_prompt(self) -> str:

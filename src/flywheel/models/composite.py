@@ -4,8 +4,9 @@ It is the offline demo's editor and a fallback for users without a big GPU. It c
 it applies the recipe's ``composite`` spec (``flywheel.recipes``):
 
 - background: mediapipe selfie segmentation (real weights shipped in the wheel) cuts the person out
-  with a feathered mask; the subject is colour-harmonised toward, light-wrapped by and placed on a
-  procedural scene (``composite_scenes``);
+  with a feathered mask; the subject's LAB mean and spread move part of the way toward the scene right
+  around it (``harmonize``), the scene's light wraps its edge, and it is placed on a procedural scene
+  (``composite_scenes``);
 - lighting: LAB colour transfer toward a tint, contrast/saturation, a directional colour gradient, a
   rim light along the subject's edge on the light's side, a vignette;
 - style: OpenCV filter chains (edge-preserving smoothing, stylization, pencil sketch, k-means cel
@@ -15,6 +16,13 @@ it applies the recipe's ``composite`` spec (``flywheel.recipes``):
 
 The subject's own pixels are only recoloured or filtered, never redrawn, so its face stays recognisable.
 Every random choice (scene layout, small parameter jitter) comes from the request's seed.
+
+The segmenter only knows people. Every edit whose result depends on the mask (a background, a rim light)
+measures it (``signals.segmentation.mask_quality``) and reports it on the output image as
+``image.info["subject_mask"]``; enrich records it as a score and the judge rejects an edit whose mask
+failed ("subject mask failed: ..."), so a half-masked cat on a forest is never passed off as an edit.
+A rim light is left out rather than drawn along a failed mask's edge; a camera focus falls back to the
+frame centre.
 """
 
 from __future__ import annotations
@@ -29,14 +37,15 @@ from PIL import Image
 
 from flywheel.errors import ModelOutputError, StageError
 from flywheel.models.base import EditRequest
+from flywheel.models.composite_camera import camera_matrix, cover
 from flywheel.models.composite_scenes import draw_scene
 from flywheel.models.composite_styles import stylize
 from flywheel.recipes import BackgroundSpec, CameraSpec, LightingSpec, Recipe, StyleSpec
-from flywheel.signals.segmentation import selfie_segmenter
+from flywheel.signals.segmentation import MaskQuality, mask_quality, selfie_segmenter
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when outputs change for the same inputs, so recorded params tell results apart
+VERSION = 2  # bump when outputs change for the same inputs, so recorded params tell results apart
 MIN_SUBJECT_FRACTION = 0.01
 
 
@@ -77,34 +86,48 @@ class CompositeEditor:
         rng = np.random.default_rng([request.seed, zlib.crc32(recipe.id.encode())])
         rgb = np.asarray(request.image.convert("RGB"), dtype=np.float32) / 255.0
         spec = recipe.composite
+        quality: MaskQuality | None = None  # set by the edits whose result depends on the person mask
         if isinstance(spec, BackgroundSpec):
-            out = self._background(rgb, spec, rng, recipe)
+            out, quality = self._background(rgb, spec, rng, recipe)
         elif isinstance(spec, LightingSpec):
-            out = self._lighting(rgb, spec, rng)
+            out, quality = self._lighting(rgb, spec, rng)
         elif isinstance(spec, StyleSpec):
             out = stylize(rgb, spec, rng)
         elif isinstance(spec, CameraSpec):
             out = self._camera(rgb, spec, rng)
         else:  # pragma: no cover - the Recipe schema admits only the four specs
             raise TypeError(type(spec))
-        return Image.fromarray(np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        image = Image.fromarray(np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        if quality is not None:
+            image.info["subject_mask"] = quality.as_dict()
+            if not quality.ok:
+                log.warning("composite: %s: %s", recipe.id, quality.problem)
+        return image
 
     # -- segmentation ---------------------------------------------------------------------------------
     def subject_mask(self, rgb: np.ndarray) -> np.ndarray:
         """Feathered person mask in [0, 1] (float32, HxW) from mediapipe selfie segmentation."""
+        return self.measured_mask(rgb)[0]
+
+    def measured_mask(self, rgb: np.ndarray) -> tuple[np.ndarray, MaskQuality]:
+        """(feathered person mask, how trustworthy the segmenter's answer is)."""
         if self._segmenter is None:
             self._segmenter = selfie_segmenter(self.segmentation_model)
         u8 = np.ascontiguousarray((rgb * 255).astype(np.uint8))
         raw = self._segmenter.process(u8).segmentation_mask.astype(np.float32)
-        s = max(rgb.shape[:2]) / 512
+        return self._feather(raw), mask_quality(raw)
+
+    @staticmethod
+    def _feather(raw: np.ndarray) -> np.ndarray:
+        s = max(raw.shape[:2]) / 512
         alpha = np.clip((raw - 0.35) / 0.3, 0.0, 1.0)  # a soft threshold keeps hair edges partial
         # Pull the edge in a little before feathering, so no rim of the old background survives.
         k = max(1, int(round(2 * s)))
         alpha = cv2.erode(alpha, np.ones((2 * k + 1, 2 * k + 1), np.uint8))
         return cv2.GaussianBlur(alpha, (0, 0), 1.2 * s)
 
-    def _require_subject(self, rgb: np.ndarray, what: str) -> np.ndarray:
-        alpha = self.subject_mask(rgb)
+    def _require_subject(self, rgb: np.ndarray, what: str) -> tuple[np.ndarray, MaskQuality]:
+        alpha, quality = self.measured_mask(rgb)
         if float(alpha.mean()) < MIN_SUBJECT_FRACTION:
             raise ModelOutputError(
                 f"the composite editor found no person to {what} (selfie segmentation covers "
@@ -112,11 +135,12 @@ class CompositeEditor:
                 hint="person segmentation only finds people; for other characters use a generative backend "
                 "([enrich] backend = \"qwen-image-edit\") or leave background recipes out",
             )
-        return alpha
+        return alpha, quality
 
     # -- background -----------------------------------------------------------------------------------
-    def _background(self, rgb: np.ndarray, spec: BackgroundSpec, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
-        alpha = self._require_subject(rgb, f"place on the '{recipe.id}' background")
+    def _background(self, rgb: np.ndarray, spec: BackgroundSpec, rng: np.random.Generator,
+                    recipe: Recipe) -> tuple[np.ndarray, MaskQuality]:
+        alpha, quality = self._require_subject(rgb, f"place on the '{recipe.id}' background")
         h, w = rgb.shape[:2]
         s = max(h, w) / 512
         scene = draw_scene(spec.scene, h, w, int(rng.integers(2**31)), [tuple(c) for c in spec.colors] or None)
@@ -129,10 +153,11 @@ class CompositeEditor:
         edge = (alpha * cv2.GaussianBlur(inv, (0, 0), 4 * s))[..., None]
         subject = subject * (1 - 0.6 * edge) + wrap * 0.6 * edge
         a = alpha[..., None]
-        return subject * a + scene * (1 - a)
+        return subject * a + scene * (1 - a), quality
 
     # -- lighting -------------------------------------------------------------------------------------
-    def _lighting(self, rgb: np.ndarray, spec: LightingSpec, rng: np.random.Generator) -> np.ndarray:
+    def _lighting(self, rgb: np.ndarray, spec: LightingSpec,
+                  rng: np.random.Generator) -> tuple[np.ndarray, MaskQuality | None]:
         h, w = rgb.shape[:2]
         s = max(h, w) / 512
         lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
@@ -153,10 +178,11 @@ class CompositeEditor:
             colour = light * (1 - ramp) + far * ramp
             g = spec.gradient_strength * rng.uniform(0.9, 1.1)
             out = out * ((1 - g) + g * 1.5 * colour)
+        quality = None
         if spec.rim is not None and spec.rim_strength > 0:
-            alpha = self.subject_mask(rgb)
-            if alpha.mean() < MIN_SUBJECT_FRACTION:
-                log.warning("composite: no person found, so the rim light is left out of this lighting edit")
+            alpha, quality = self.measured_mask(rgb)
+            if not quality.ok:  # a rim along a wrong edge is worse than none; the report says it is missing
+                log.warning("composite: the rim light is left out of this lighting edit (%s)", quality.problem)
             else:
                 out = _screen(out, _rim(alpha, spec.rim_angle, 7 * s)[..., None] * spec.rim_strength
                               * (np.array(spec.rim, np.float32) / 255))
@@ -164,7 +190,7 @@ class CompositeEditor:
             ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
             r2 = ((xs - w / 2) / (w / 2)) ** 2 + ((ys - h / 2) / (h / 2)) ** 2
             out = out * (1 - spec.vignette * np.clip(r2 / 2, 0, 1))[..., None]
-        return np.clip(out, 0, 1)
+        return np.clip(out, 0, 1), quality
 
     # -- camera ---------------------------------------------------------------------------------------
     def _camera(self, rgb: np.ndarray, spec: CameraSpec, rng: np.random.Generator) -> np.ndarray:
@@ -172,9 +198,9 @@ class CompositeEditor:
         focus = self._focus(rgb, spec.focus)
         yaw, pitch = spec.yaw + rng.uniform(-1.5, 1.5), spec.pitch + rng.uniform(-1.0, 1.0)
         zoom = spec.zoom * rng.uniform(0.98, 1.02)
-        M = _camera_matrix(w, h, yaw, pitch, spec.roll, zoom, focus)
+        M = camera_matrix(w, h, yaw, pitch, spec.roll, zoom, focus)
         if zoom >= 1.0:
-            M = _cover(M, w, h)  # zoom a touch further rather than show pixels that do not exist
+            M = cover(M, w, h)  # zoom a touch further rather than show pixels that do not exist
             out = cv2.warpPerspective(rgb, M, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT101)
         else:
             # Wider than the photo: extend it with a heavily blurred mirror, the honest 2D answer.
@@ -195,8 +221,8 @@ class CompositeEditor:
             if face is not None:
                 return face
         if focus in ("face", "subject"):
-            alpha = self.subject_mask(rgb)
-            if alpha.mean() >= MIN_SUBJECT_FRACTION:
+            alpha, quality = self.measured_mask(rgb)
+            if quality.ok:  # a failed mask's centroid is anywhere: the frame centre is the honest guess
                 ys, xs = np.nonzero(alpha > 0.5)
                 top = ys.min()  # no face found: the head is near the top of the person
                 y = top + 0.15 * (ys.max() - top) if focus == "face" else ys.mean()
@@ -215,15 +241,40 @@ class CompositeEditor:
         return x + fw / 2, y + fh / 2
 
 
+# Per LAB channel: (how far the mean moves, how far the spread moves, the spread ratio's bounds). Lightness
+# moves least, so a face stays readable on a dark scene; colour follows the scene more.
+_HARMONY = ((0, 0.5, 0.5, (0.75, 1.25)), (1, 1.0, 0.5, (0.6, 1.4)), (2, 1.0, 0.5, (0.6, 1.4)))
+NEAR_FRACTION = 0.12  # "near the subject": background within 12% of the long side of its edge
+
+
 def harmonize(rgb: np.ndarray, scene: np.ndarray, alpha: np.ndarray, strength: float) -> np.ndarray:
-    """Move the subject's LAB means part of the way toward the scene's, so it sits in the scene's light."""
+    """Move the subject's colour and light part of the way toward the scene right around it.
+
+    Reinhard-style transfer in LAB: per channel, the subject's mean moves toward the mean of the scene
+    in a band around the subject (that light is what falls on it in a photo; a bright sky far above
+    should not brighten a face), and its spread toward the band's, both scaled by ``strength`` (0-1).
+    """
     if strength <= 0:
         return rgb
     lab, scene_lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB), cv2.cvtColor(scene, cv2.COLOR_RGB2LAB)
-    wts = alpha / (alpha.sum() + 1e-6)
-    for c, k in ((0, 0.4), (1, 1.0), (2, 1.0)):  # lightness moves less than colour: faces stay readable
-        delta = (scene_lab[..., c].mean() - (lab[..., c] * wts).sum()) * strength * k
-        lab[..., c] += delta
+    inside = alpha > 0.5
+    if not inside.any():
+        return rgb
+    distance = cv2.distanceTransform((~inside).astype(np.uint8), cv2.DIST_L2, 5)  # px to the subject
+    near = (distance > 0) & (distance <= NEAR_FRACTION * max(alpha.shape))
+    if near.sum() < 0.01 * near.size:  # the subject fills the frame: use whatever scene there is
+        near = ~inside
+    if not near.any():
+        return rgb
+    w = alpha / (alpha.sum() + 1e-6)
+    for c, k_mean, k_std, (lo, hi) in _HARMONY:
+        x = lab[..., c]
+        mu_s = float((x * w).sum())
+        sd_s = float(np.sqrt(((x - mu_s) ** 2 * w).sum()))
+        band = scene_lab[..., c][near]
+        mu_b, sd_b = float(band.mean()), float(band.std())
+        ratio = float(np.clip(sd_b / sd_s, lo, hi)) ** (strength * k_std) if sd_s > 1e-3 else 1.0
+        lab[..., c] = (x - mu_s) * ratio + mu_s + (mu_b - mu_s) * strength * k_mean
     return np.clip(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB), 0, 1)
 
 
@@ -248,48 +299,3 @@ def _rim(alpha: np.ndarray, angle_deg: float, width: float) -> np.ndarray:
 
 def _screen(base: np.ndarray, light: np.ndarray) -> np.ndarray:
     return 1 - (1 - np.clip(base, 0, 1)) * (1 - np.clip(light, 0, 1))
-
-
-def _camera_matrix(w: int, h: int, yaw: float, pitch: float, roll: float, zoom: float,
-                   focus: tuple[float, float]) -> np.ndarray:
-    """Homography: rotate the image plane in 3D (pinhole, f = 1.2 x the long side), then zoom about the focus."""
-    f = 1.2 * max(w, h)
-    c = np.array([w / 2, h / 2])
-    K = np.array([[f, 0, c[0]], [0, f, c[1]], [0, 0, 1]], np.float64)
-    y, p, r = np.deg2rad([yaw, pitch, roll])
-    Ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
-    Rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
-    Rz = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0], [0, 0, 1]])
-    H = K @ Ry @ Rx @ Rz @ np.linalg.inv(K)
-    # A rotating camera also pans; keep the frame centre in place so only the perspective changes.
-    mc = H @ np.array([c[0], c[1], 1.0])
-    H = np.array([[1, 0, c[0] - mc[0] / mc[2]], [0, 1, c[1] - mc[1] / mc[2]], [0, 0, 1]]) @ H
-    fx = H @ np.array([focus[0], focus[1], 1.0])
-    fx = fx[:2] / fx[2]
-    # Closer shots bring the focus toward the centre (fully by 1.5x); wider ones keep the frame centred.
-    pull = np.clip((zoom - 1.0) / 0.5, 0, 1)
-    anchor = fx if zoom >= 1 else c
-    target = fx + (c - fx) * pull if zoom >= 1 else c
-    Z = np.array([[zoom, 0, target[0] - zoom * anchor[0]], [0, zoom, target[1] - zoom * anchor[1]], [0, 0, 1]])
-    return Z @ H
-
-
-def _cover(M: np.ndarray, w: int, h: int) -> np.ndarray:
-    """Scale ``M`` up about the frame centre just enough that every output pixel comes from the image."""
-    pts = np.array([[x, y, 1.0] for x in (0, w / 2, w - 1) for y in (0, h / 2, h - 1)]).T
-    c = np.array([[1, 0, w / 2], [0, 1, h / 2], [0, 0, 1]], np.float64)
-
-    def covered(scale: float) -> bool:
-        S = c @ np.diag([scale, scale, 1.0]) @ np.linalg.inv(c)
-        src = np.linalg.inv(S @ M) @ pts
-        src = src[:2] / src[2]
-        return bool((src[0] >= -0.5).all() and (src[0] <= w - 0.5).all() and (src[1] >= -0.5).all() and (src[1] <= h - 0.5).all())
-
-    if covered(1.0):
-        return M
-    lo, hi = 1.0, 3.0
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if covered(mid) else (mid, hi)
-    S = c @ np.diag([hi, hi, 1.0]) @ np.linalg.inv(c)
-    return S @ M
