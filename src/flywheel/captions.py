@@ -176,16 +176,18 @@ def read_sidecar(path: Path) -> str:
 def import_sidecar(project: Project, image_id: int, image_path: Path, operation_id: int | None) -> str | None:
     """Ingest's step: the image's sidecar becomes its human caption. Returns a note for the ingest report
     (None when there is no sidecar). Never raises for a bad caption file: the image is ingested anyway."""
+    from flywheel.ingest import one_line  # file names are shown escaped: a newline must not break the report
+
     path = sidecar_of(image_path)
     if path is None:
         return None
     try:
         edit = set_caption(project, image_id, read_sidecar(path), via="sidecar", operation_id=operation_id)
     except CaptionError as err:
-        log.warning("ingest: caption file %s ignored: %s", path, err.args[0])
-        return f"caption file {path.name} ignored: {err.args[0]}"
+        log.info("ingest: caption file %s ignored: %s", one_line(str(path)), err.args[0])
+        return f"caption file {one_line(path.name)} ignored: {err.args[0]}"
     extra = f" ({'; '.join(edit.notes)})" if edit.notes else ""
-    return f"caption from {path.name}{extra}"
+    return f"caption from {one_line(path.name)}{extra}"
 
 
 def variants(text: str, trigger: str | None = None) -> dict[str, str]:

@@ -163,11 +163,22 @@ def enrich(ctx: click.Context, backend: str | None) -> None:
 
 @main.command()
 @click.option("--template", is_flag=True, help="Build captions from the edit recipes instead of asking the VLM.")
+@click.option("--set", "set_", nargs=2, metavar="ID TEXT", default=None,
+              help="Write your own caption for image ID (TEXT '-' reads it from stdin). Kept over machine captions.")
+@click.option("--show", metavar="ID", default=None, help="Print every caption image ID has had, oldest first.")
 @click.pass_context
-def caption(ctx: click.Context, template: bool) -> None:
-    """Caption every image not yet captioned under the current [caption] policy (trigger word included)."""
+def caption(ctx: click.Context, template: bool, set_: tuple[str, str] | None, show: str | None) -> None:
+    """Caption every image not yet captioned under the current [caption] policy (trigger word included).
+
+    With --set, write one image's caption by hand instead (cleaned to one line, trigger word added if
+    missing; earlier captions stay as history, see --show)."""
     from flywheel.caption import caption as run_caption
 
+    if set_ or show:
+        if template or (set_ and show):
+            raise click.UsageError("use one of --set, --show or --template")
+        _caption_by_hand(ctx, set_, show)
+        return
     with _open(ctx) as project, rich_progress("caption") as progress:
         cfg = project.config
         if template:
@@ -181,6 +192,29 @@ def caption(ctx: click.Context, template: bool) -> None:
     click.echo(f"caption: {result.count('vlm')} by the VLM, {result.count('template')} from templates "
                f"({len(result.fell_back)} fallbacks), {len(result.failed)} failed, "
                f"trigger inserted in {len(result.trigger_inserted)} (policy {result.policy})")
+
+
+def _caption_by_hand(ctx: click.Context, set_: tuple[str, str] | None, show: str | None) -> None:
+    from flywheel import captions
+    from flywheel.review import default_person
+
+    with _open(ctx) as project:
+        if set_:
+            image_id, text = set_
+            text = sys.stdin.read() if text == "-" else text
+            edit = captions.set_caption(project, image_id, text, author=default_person(), via="cli")
+            click.echo(f"image {edit.image_id}: {edit.text}" + ("" if edit.changed else "  (unchanged)"))
+            for note in edit.notes:
+                click.secho(f"  note: {note}", fg="yellow")
+            return
+        rows = captions.history(project, show)
+    if not rows:
+        click.echo(f"image {show}: no caption yet")
+    for i, r in enumerate(rows):
+        who = f" by {r['author']}" if r["author"] else ""
+        via = f" via {r['via']}" if r["via"] else ""
+        now = "  <- current" if i == len(rows) - 1 else ""
+        click.echo(f"  {r['created_at'][:19].replace('T', ' ')}  {r['source']}{who}{via}: {r['text']}{now}")
 
 
 @main.command()

@@ -21,6 +21,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flywheel import captions
 from flywheel.catalog.store import sha256_bytes
 from flywheel.errors import ImageRejected, StageError, StorageError
 from flywheel.images import IMAGE_EXTENSIONS, decode_image, hamming, phash, phash_hex, pixel_sha256
@@ -165,7 +166,7 @@ def ingest(project: Project, paths: list[str], *, progress: ProgressFn | None = 
 
     # 1. Expand the arguments into files; nothing in the user's folders is written or moved.
     files, skipped = expand_paths(paths)
-    result.skipped.extend(skipped)
+    result.skipped.extend(s for s in skipped if not captions.is_sidecar(Path(s.path), files))  # read in step 8
     detect = cfg.detect_faces and faces.available()
     if cfg.detect_faces and not detect:
         result.notes.append("face detection skipped: install the 'face' extra (dlib) to store face boxes")
@@ -227,7 +228,9 @@ def ingest(project: Project, paths: list[str], *, progress: ProgressFn | None = 
                                    f"{len(result.added)} file(s) added before it are kept)", hint=err.hint) from err
             _refresh(project, known)
             face_note = f"{len(boxes)} face(s)" if detect else ""
-            reason = "; ".join(x for x in [*decoded.notes, face_note] if x)
+            # 8. A caption file beside the image (hero.png + hero.txt) becomes its human caption.
+            caption_note = captions.import_sidecar(project, image_id, path, op_id)
+            reason = "; ".join(x for x in [*decoded.notes, face_note, caption_note] if x)
             result.added.append(IngestItem(str(path), reason, image_id))
         progress(len(files), len(files), "done")
         _record_outcome(project, op_id, result)
