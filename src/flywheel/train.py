@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.config import TrainConfig
-from flywheel.dataset import freeze_dataset, load_dataset
+from flywheel.dataset import ensure_trainable, freeze_dataset, load_dataset
 from flywheel.errors import MissingExtraError, StageError
 from flywheel.progress import ProgressFn, no_progress
 from flywheel.training import buckets as bk
-from flywheel.training import caching, checkpoint, lora_io, quantize
+from flywheel.training import caching, checkpoint, lora_io, quantize, targets
 from flywheel.training import losses as losses_io
 from flywheel.training.flux_step import Batch, checkpoint_blocks, train_step
 
@@ -41,8 +41,9 @@ class TrainResult:
 
 
 def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | None = None, resume: int | bool = False,
-          device: str | None = None, progress: ProgressFn | None = None) -> TrainResult:
-    """Train (or, with ``resume``, continue) a LoRA run. ``resume=True`` picks the newest unfinished run."""
+          device: str | None = None, progress: ProgressFn | None = None, force: bool = False) -> TrainResult:
+    """Train (or, with ``resume``, continue) a LoRA run. ``resume=True`` picks the newest unfinished run.
+    A set with uncaptioned, unjudged or unreviewed images, or no edits yet, is refused unless ``force``."""
     progress = progress or no_progress
     cat = project.catalog
     # 1. Plan: the run (new, or the unfinished one to resume), its frozen dataset and folder.
@@ -56,6 +57,8 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
     else:
         cfg = cfg or project.config.train
         _check_runnable(project, cfg, device)  # before the run is recorded and minutes of loading
+        if not force:  # before a version is frozen: a refusal writes nothing
+            ensure_trainable(project, _next_round(cat), dataset_version)
         base = base_model_folder(cfg, project.config.models.base)
         ds = load_dataset(project, dataset_version) if dataset_version else freeze_dataset(project, _next_round(cat))
         with cat.transaction():
@@ -102,6 +105,7 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
     from peft import LoraConfig
 
     from flywheel.models.flux import _load_pipeline
+    from flywheel.models.pool import recorded_load
 
     # 2. Load the base pipeline through the shared loader ([models] base role: device, dtype; the memory
     #    check counts the transformer at the precision it trains in). It stays on the CPU: the trainer moves
@@ -110,9 +114,11 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
     device = load.device
     if device.startswith("cuda"):  # cuDNN attention's backward hit illegal memory accesses (torch 2.11, H100)
         torch.backends.cuda.enable_cudnn_sdp(False)
-    pipe, source, _, dtype = _load_pipeline(FluxPipeline, base, dtype=load.dtype, device=device,
-                                            cpu_offload=load.cpu_offload, quantization="none", place=False,
-                                            check_precision=load.quantize)
+    with recorded_load(project.catalog, "train", base, {"role": "base", **vars(load)}) as record:
+        pipe, source, _, dtype = _load_pipeline(FluxPipeline, base, dtype=load.dtype, device=device,
+                                                cpu_offload=load.cpu_offload, quantization="none", place=False,
+                                                check_precision=load.quantize)
+        record(str(source), {"quantization": load.quantize, "dtype": str(dtype), "device": device})
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
         m.requires_grad_(False)
     model_key = hashlib.sha256(str(source).encode()).hexdigest()[:16]
@@ -268,6 +274,7 @@ def base_load(project, cfg: TrainConfig, device: str | None) -> BaseLoad:
 
 def _check_runnable(project, cfg: TrainConfig, device: str | None) -> None:
     """Options that need a GPU or an optional library fail here, with what to do, not after the loading."""
+    targets.check_target_modules(cfg.target_modules)  # else the kohya export fails after training
     load = base_load(project, cfg, device)
     quantize.check_quantize_support(load.quantize, load.device)
     if cfg.optimizer == "adamw8bit":

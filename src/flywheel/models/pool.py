@@ -78,34 +78,13 @@ class ModelPool:
 
         if self.baseline_bytes is None:
             self.baseline_bytes = _allocated()
-        log.info("loading %s (%s) for %s ...", spec, role, self.stage)
-        t0 = time.perf_counter()
-        op = self.catalog.start_operation(self.stage, model=spec, params={"action": "load", "role": role, **overrides}
-                                          ) if self.catalog else None
-        try:
+        with recorded_load(self.catalog, self.stage, spec, {"role": role, **overrides}) as record:
             adapter = load(spec, self.models_cfg, role=role, **overrides)  # type: ignore[arg-type]
-        except BaseException as err:
-            if op is not None:
-                self.catalog.finish_operation(op, "failed", _ms(t0), f"{type(err).__name__}: {err}".split("\n")[0])
-            raise
-        seconds = time.perf_counter() - t0
-        if op is not None:
-            self._record(op, adapter, seconds)
+            record(adapter.model_id, adapter.params())
         label = getattr(adapter, "model_id", spec)
-        log.info("loaded %s in %.1f s (%s)", label, seconds, _memory_line())
         self.held.append(_Held(key, role, label, adapter))
         self.loads.append((self.stage, role, label))
         return adapter
-
-    def _record(self, op: int, adapter, seconds: float) -> None:
-        import json
-
-        params = {"action": "load", "seconds": round(seconds, 3), "gpu_allocated_gib": round(_allocated() / 1024**3, 3),
-                  **_jsonable(adapter.params())}
-        with self.catalog.transaction():
-            self.catalog.execute("UPDATE operations SET params_json = ?, model = ? WHERE id = ?",
-                                 (json.dumps(params, sort_keys=True, default=str), adapter.model_id, op))
-        self.catalog.finish_operation(op, "ok", int(seconds * 1000))
 
     def release(self) -> None:
         """Drop every held model and give the memory back (GPU caches included)."""
@@ -125,6 +104,37 @@ class ModelPool:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextmanager
+def recorded_load(catalog: Catalog | None, stage: str, spec: str, params: dict[str, Any]) -> Iterator:
+    """Log and record one model load (the pool's, and the trainer's own): the block calls
+    ``record(model_id, resolved_params)`` once the model is loaded; the row gets the seconds and GPU memory."""
+    import json
+
+    log.info("loading %s for %s ...", spec, stage)
+    t0 = time.perf_counter()
+    op = catalog.start_operation(stage, model=spec, params={"action": "load", **params}) if catalog else None
+    final: dict[str, Any] = {}
+
+    def record(model_id: str, resolved: dict[str, Any]) -> None:
+        final.update(model=model_id, params=resolved)
+
+    try:
+        yield record
+    except BaseException as err:
+        if op is not None:
+            catalog.finish_operation(op, "failed", _ms(t0), f"{type(err).__name__}: {err}".split("\n")[0])
+        raise
+    seconds = time.perf_counter() - t0
+    log.info("loaded %s in %.1f s (%s)", final.get("model", spec), seconds, _memory_line())
+    if op is not None:
+        row = {"action": "load", "seconds": round(seconds, 3), "gpu_allocated_gib": round(_allocated() / 1024**3, 3),
+               **params, **_jsonable(final.get("params", {}))}
+        with catalog.transaction():
+            catalog.execute("UPDATE operations SET params_json = ?, model = ? WHERE id = ?",
+                            (json.dumps(row, sort_keys=True, default=str), final.get("model", spec), op))
+        catalog.finish_operation(op, "ok", int(seconds * 1000))
 
 
 @contextmanager

@@ -1,0 +1,98 @@
+"""One loader for every stage (issue 10): loads per stage in a `flywheel run`, per-role [models] settings
+reaching train / generate / evaluate, and memory given back when a stage ends."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+
+import pytest
+
+from flywheel.config import ModelsConfig, parse_config
+from flywheel.models.pool import ModelPool, load_counts
+from flywheel.project import open_project
+
+from test_loop import SMALL, make_project
+
+
+def _with(toml: str, extra: str, **replace: str) -> str:
+    for old, new in replace.items():
+        toml = toml.replace(old, new)
+    return toml + extra
+
+
+@pytest.mark.slow
+def test_a_run_loads_each_model_once_per_stage_and_honours_the_base_role(tmp_path):
+    """caption and judge share the VLM; evaluate renders both rounds from one base; the base role's fp8
+    setting reaches training, generation and evaluation."""
+    from flywheel.loop import run_loop
+
+    root = make_project(tmp_path / "p")
+    toml = (root / "flywheel.toml").read_text()
+    toml = _with(toml, '\n[models.overrides.base]\nquantization = "fp8"\n',
+                 **{'judge = "none"': 'judge = "tiny"', 'mode = "template"': 'mode = "vlm"\nmax_new_tokens = 8',
+                    "[judge]\n": "[judge]\nstructured_verdict = false\n"})
+    (root / "flywheel.toml").write_text(toml)
+    with open_project(root) as project:
+        result = run_loop(project)
+        assert result.finished and result.verdict
+        counts = load_counts(project.catalog)
+        # Round 0 and round 1 each caption (one VLM load each) and judge with that same VLM; the evaluation's
+        # judge loads it once more; two trainings; one generation; evaluate: one base for both rounds.
+        assert counts == {"caption": 2, "judge": 1, "train": 2, "generate": 1, "evaluate": 1}
+        loads = [json.loads(r["params_json"]) for r in project.catalog.query(
+            "SELECT params_json FROM operations WHERE json_extract(params_json, '$.action') = 'load' "
+            "AND stage IN ('generate', 'evaluate', 'train')")]
+        assert loads and all(p["quantization"] == "fp8" for p in loads)
+        renders = project.catalog.query("SELECT params_json FROM operations WHERE stage IN ('generate', 'evaluate') "
+                                        "AND kind = 'model_call' AND work_key IS NOT NULL")
+        assert renders and all(json.loads(r["params_json"])["quantization"] == "fp8" for r in renders)
+        for run in project.catalog.query("SELECT output_dir FROM lora_runs"):
+            config = json.loads((project.workspace / run["output_dir"] / "config.json").read_text())
+            assert config["quantize_base"] == "fp8"
+
+
+def test_pool_reuses_a_model_and_release_frees_it(tmp_path):
+    pool = ModelPool(ModelsConfig(device="cpu"))
+    vlm = pool.vlm("tiny")
+    assert pool.vlm("tiny") is vlm and len(pool.loads) == 1
+    module = weakref.ref(vlm.model)
+    del vlm
+    pool.release()
+    gc.collect()
+    assert module() is None, "the pool kept a reference: memory would not go back after the stage"
+    assert pool.held == []
+
+
+def test_pool_holds_one_model_at_a_time(tmp_path):
+    pool = ModelPool(ModelsConfig(device="cpu"))
+    first = weakref.ref(pool.vlm("tiny").model)
+    pool.vlm("tiny-qwen2.5-vl")
+    gc.collect()
+    assert first() is None and len(pool.held) == 1 and len(pool.loads) == 2
+
+
+def test_role_overrides_inherit_models_settings():
+    cfg = parse_config({"project": {"name": "A", "trigger": "fw_a"}, "models": {
+        "quantization": "nf4", "cpu_offload": False,
+        "overrides": {"editor": {"quantization": "fp8", "cpu_offload": True}, "base": {"dtype": "float16"}}}}).models
+    assert cfg.for_role("editor") == {"device": "auto", "dtype": "auto", "quantization": "fp8", "cpu_offload": True}
+    assert cfg.for_role("text_to_image") == {"device": "auto", "dtype": "float16", "quantization": "nf4",
+                                             "cpu_offload": False}
+    assert cfg.for_role("vlm")["quantization"] == "nf4"
+
+
+def test_unknown_role_or_key_in_overrides_is_a_config_error():
+    from flywheel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="models.overrides"):
+        parse_config({"project": {"name": "A", "trigger": "fw_a"}, "models": {"overrides": {"captioner": {}}}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_config({"project": {"name": "A", "trigger": "fw_a"},
+                      "models": {"overrides": {"editor": {"cpu_ofload": True}}}})
+
+
+def test_vlm_batch_size_reaches_the_adapter():
+    pool = ModelPool(ModelsConfig(device="cpu", vlm_batch_size=3))
+    assert pool.vlm("tiny").batch_size == 3
