@@ -32,7 +32,9 @@ def caption(project, image_id: int, text: str) -> int:
 def test_membership_follows_human_over_machine_and_newest_rows(project):
     src = add_image(project, "source", color=(1, 1, 1))
     rejected_src = add_image(project, "source", color=(2, 2, 2))
-    review(project, rejected_src, "rejected")  # sources are always in, whatever the review says
+    review(project, rejected_src, "rejected")  # a human left this source out (the Sources tab of the review page)
+    kept_src = add_image(project, "source", color=(2, 3, 4))
+    verdict(project, kept_src, "rejected")  # ...but the machine never does
     machine_ok = add_image(project, "enriched", color=(3, 3, 3))
     verdict(project, machine_ok, "rejected")
     verdict(project, machine_ok, "accepted")  # newest verdict wins
@@ -54,7 +56,7 @@ def test_membership_follows_human_over_machine_and_newest_rows(project):
     newest = caption(project, src, "fw_test on a beach")
 
     ds = freeze_dataset(project, 1)
-    assert {m.image_id for m in ds.members} == {src, rejected_src, machine_ok, human_yes, cleared}
+    assert {m.image_id for m in ds.members} == {src, kept_src, machine_ok, human_yes, cleared}
     by_id = {m.image_id: m for m in ds.members}
     assert by_id[src].caption_id == newest and by_id[src].caption == "fw_test on a beach"
     assert by_id[machine_ok].caption is None
@@ -64,6 +66,8 @@ def test_membership_follows_human_over_machine_and_newest_rows(project):
     assert later_round in {m.image_id for m in ds2.members}
     assert (ds.version, ds2.version) == (1, 2)
     assert load_dataset(project).version == 2 and len(load_dataset(project, 1).members) == 5
+    review(project, rejected_src, "cleared")  # undo: the source is back in
+    assert rejected_src in {m.image_id for m in freeze_dataset(project, 1).members}
 
 
 def test_frozen_version_does_not_move_when_reviews_change(project):
@@ -96,3 +100,64 @@ def test_evaluation_images_never_enter_a_training_set(project):
         review(project, image_id, "accepted")
     members = {m.image_id for m in freeze_dataset(project, 2).members}
     assert kept in members and held_out not in members
+
+
+def test_summary_says_what_a_set_holds_and_what_it_waits_for(project):
+    from flywheel.dataset import ensure_trainable, summarize
+
+    src = add_image(project, "source", color=(1, 1, 1))
+    add_image(project, "source", color=(2, 2, 2))
+    summary = summarize(project, round=1)
+    assert summary.describe() == "the round-1 set: 2 images (2 source); 0 captioned, 2 uncaptioned; no edits yet (sources only)"
+    assert summary.blockers() == [("no edits yet, only the sources", "flywheel enrich"),
+                                  ("2 uncaptioned", "flywheel caption")]
+    for image_id in (src, src + 1):
+        caption(project, image_id, "a photo of fw_test")
+    judged = add_image(project, "enriched", color=(3, 3, 3))
+    verdict(project, judged, "accepted")
+    caption(project, judged, "fw_test in a forest")
+    waiting = add_image(project, "enriched", color=(4, 4, 4))
+    verdict(project, waiting, "needs_review")
+    review(project, waiting, "skipped")  # skipping is not deciding
+    add_image(project, "enriched", color=(5, 5, 5))  # made, not judged yet
+    with pytest.raises(StageError) as err:
+        ensure_trainable(project, 1)
+    assert err.value.args[0] == ("the round-1 set is not ready to train: 3 images (2 source, 1 enriched); "
+                                 "1 not judged; 1 waiting for your review")
+    assert err.value.hint == "run `flywheel judge`, `flywheel review`; or pass --force to train on it as it is"
+    assert project.catalog.query("SELECT COUNT(*) FROM dataset_versions")[0][0] == 0  # a refusal writes nothing
+
+    review(project, waiting, "rejected")
+    verdict(project, waiting + 1, "accepted")
+    assert summarize(project, round=1).describe() == (
+        "the round-1 set: 4 images (2 source, 2 enriched); 3 captioned, 1 uncaptioned; accepted: 0 by you, "
+        "2 by the judge; left out: 1 rejected")
+    v1 = freeze_dataset(project, 1)  # frozen with the newly accepted edit still uncaptioned
+    caption(project, waiting + 1, "fw_test on a beach")
+    assert ensure_trainable(project, 1).images == 4  # a new freeze would be ready...
+    with pytest.raises(StageError) as err:
+        ensure_trainable(project, 1, v1.version)  # ...v1 keeps the captions it was frozen with
+    assert err.value.args[0] == "dataset v1 (round 1) is not ready to train: 4 images (2 source, 2 enriched); 1 uncaptioned"
+
+
+def test_train_refuses_an_unvetted_set_before_loading_anything(project, monkeypatch):
+    from click.testing import CliRunner
+
+    import flywheel.train as train_mod
+    from flywheel.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was about to load")
+
+    monkeypatch.setattr(train_mod, "_run", never)
+    monkeypatch.setattr(train_mod, "base_model_folder", never)
+    add_image(project, "source", color=(1, 1, 1))
+    r = CliRunner().invoke(main, ["-C", str(project.root), "train"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.splitlines()[-2:] == [
+        "Error: the round-1 set is not ready to train: 1 image (1 source); no edits yet, only the sources; 1 uncaptioned",
+        "Hint: run `flywheel enrich`, `flywheel caption`; or pass --force to train on it as it is"]
+    counts = project.catalog.query("SELECT (SELECT COUNT(*) FROM dataset_versions), (SELECT COUNT(*) FROM lora_runs)")
+    assert tuple(counts[0]) == (0, 0)
+    r = CliRunner().invoke(main, ["-C", str(project.root), "train", "--force"])
+    assert isinstance(r.exception, AssertionError) and "about to load" in str(r.exception)  # --force goes on

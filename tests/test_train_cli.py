@@ -88,7 +88,7 @@ def test_train_then_generate_from_the_command_line(root: Path, tiny_flux_dir: Pa
     res = flywheel(root, "generate")
     assert res.exit_code == 1 and "no finished LoRA run" in res.output and "Hint: run `flywheel train`" in res.output
 
-    res = flywheel(root, "train", "--steps", "3")
+    res = flywheel(root, "train", "--steps", "3", "--force")  # sources only, on purpose
     assert res.exit_code == 0, res.output
     m = re.search(r"run (\d+) \(dataset v(\d+)\): final loss (\d+\.\d{4})", res.output)
     assert m and m.group(1) == "1" and m.group(2) == "1" and float(m.group(3)) > 0
@@ -138,7 +138,7 @@ def test_train_resume_from_the_command_line_continues_the_killed_run(root: Path,
         return path
 
     monkeypatch.setattr(train_mod.checkpoint, "save_checkpoint", save_then_die)
-    res = flywheel(root, "train")
+    res = flywheel(root, "train", "--force")
     assert res.exit_code != 0 and isinstance(res.exception, Killed)
     assert [r["status"] for r in rows(root, "SELECT status FROM lora_runs")] == ["failed"]
     monkeypatch.setattr(train_mod.checkpoint, "save_checkpoint", real)

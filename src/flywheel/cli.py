@@ -383,15 +383,18 @@ def review(ctx: click.Context, host: str, port: int, token: str | None, reviewer
 @click.option("--dataset", "dataset_version", type=int, default=None,
               help="Train on this frozen dataset version (default: freeze a new one for the next round).")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Override [train] steps.")
+@click.option("--force", is_flag=True,
+              help="Train even when the set has uncaptioned, unjudged or unreviewed images, or no edits yet.")
 @click.pass_context
-def train(ctx: click.Context, resume: bool, run_id: int | None, dataset_version: int | None, steps: int | None) -> None:
+def train(ctx: click.Context, resume: bool, run_id: int | None, dataset_version: int | None, steps: int | None,
+          force: bool) -> None:
     """Train a FLUX.1 LoRA on accepted images + captions (sources always in); resumable."""
     from flywheel.train import train as run_train
 
     with _open(ctx) as project, rich_progress("train") as progress:
         cfg = project.config.train if steps is None else project.config.train.model_copy(update={"steps": steps})
         result = run_train(project, cfg, dataset_version=dataset_version, resume=(run_id or True) if resume else False,
-                           progress=progress)
+                           progress=progress, force=force)
     click.echo(f"run {result.run_id} (dataset v{result.dataset_version}): final loss {result.losses[-1]:.4f}")
     click.echo(f"  LoRA (diffusers): {result.lora_path}\n  LoRA (kohya/ComfyUI): {result.kohya_path}")
 
@@ -433,18 +436,49 @@ def tune_judge_cmd(ctx: click.Context, resume: bool, steps: int | None) -> None:
         click.secho(f"not promoted: it does not beat {r.incumbent_id or 'the base judge'} on held-out kappa", fg="yellow")
 
 
+@main.command()
+@click.option("--round", "round_", type=click.IntRange(1), default=None,
+              help="LoRA round the set is for (default: the next one).")
+@click.pass_context
+def freeze(ctx: click.Context, round_: int | None) -> None:
+    """Freeze a dataset version without training: which images, with which captions; says what it holds."""
+    from flywheel.dataset import freeze_dataset, next_round, summarize
+
+    with _open(ctx) as project:
+        k = round_ or next_round(project)
+        summary = summarize(project, version=freeze_dataset(project, k).version)
+    click.echo(summary.describe())
+    if summary.blockers():
+        missing = "; ".join(what for what, _ in summary.blockers())
+        commands = ", ".join(f"`{cmd}`" for _, cmd in summary.blockers())
+        click.secho(f"Not ready to train: {missing}. Run {commands}, then freeze again.", fg="yellow")
+    click.echo(f"Next: flywheel export DEST --dataset {summary.version}, or flywheel train --dataset {summary.version}")
+
+
 @main.command(name="export")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["kohya", "ai-toolkit", "imagefolder"]), default="kohya",
               show_default=True)
 @click.option("--dataset", "version", type=int, default=None, help="Dataset version (default: the newest).")
+@click.option("--freeze", is_flag=True, help="Freeze a new dataset version first and export that.")
+@click.option("--class-word", default=None, metavar="WORD",
+              help="What the character is, e.g. 'woman': captions and prompts read 'TRIGGER woman'.")
+@click.option("--short-captions", is_flag=True,
+              help="Also write NNNN.short.txt (first sentence); the configs train on both forms.")
 @click.option("--repeats", type=click.IntRange(1), default=10, show_default=True, help="kohya folder repeats.")
 @click.option("--overwrite", is_flag=True, help="Replace DEST if it is not empty.")
 @click.pass_context
-def export_cmd(ctx: click.Context, dest: Path, fmt: str, version: int | None, repeats: int, overwrite: bool) -> None:
-    """Export a frozen dataset version as image + caption files for other trainers."""
+def export_cmd(ctx: click.Context, dest: Path, fmt: str, version: int | None, freeze: bool, class_word: str | None,
+               short_captions: bool, repeats: int, overwrite: bool) -> None:
+    """Export a dataset version as image + caption files, with a ready ai-toolkit YAML and kohya TOML."""
+    from flywheel.dataset import summarize
     from flywheel.export import export_dataset
 
     with _open(ctx) as project:
-        result = export_dataset(project, dest, fmt=fmt, version=version, repeats=repeats, overwrite=overwrite)
+        result = export_dataset(project, dest, fmt=fmt, version=version, repeats=repeats, overwrite=overwrite,
+                                freeze=freeze, class_word=class_word, short_captions=short_captions)
+        if result.frozen:
+            click.echo("froze " + summarize(project, version=result.dataset_version).describe())
     click.echo(f"dataset v{result.dataset_version}: {result.images} images -> {result.folder}")
+    for path in result.configs:
+        click.echo(f"  {'ai-toolkit job' if path.suffix == '.yaml' else 'kohya dataset config'}: {path}")

@@ -132,7 +132,9 @@ def _train_round(project: Project, k: int, hooks: StageHooks, progress: Progress
         return
     existing = cat.query("SELECT version FROM dataset_versions WHERE round = ? ORDER BY version DESC LIMIT 1", (k,))
     version = existing[0]["version"] if existing else freeze_dataset(project, k).version
-    train(project, dataset_version=version, device=hooks.device, progress=progress)
+    # The loop's own review gate ([loop] review) has decided what trains: 'auto' trains on what the judge
+    # accepted and leaves the rest out, which `flywheel train` alone would refuse without --force.
+    train(project, dataset_version=version, device=hooks.device, progress=progress, force=True)
 
 
 def _run_of_round(project: Project, k: int) -> int:

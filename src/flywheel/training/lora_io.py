@@ -32,6 +32,17 @@ _SINGLE_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation_lin"}
 _TOP = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer_linear"}
 
 
+def kohya_nameable(module: str) -> bool:
+    """Whether ``to_kohya`` has a name for a LoRA on transformer module ``module``
+    (e.g. ``single_transformer_blocks.3.proj_mlp``: yes; ``norm_out.linear``: no)."""
+    m = re.match(r"(transformer_blocks|single_transformer_blocks)\.\d+\.(.+)$", module)
+    if m is None:
+        return module in _TOP
+    double = m.group(1) == "transformer_blocks"
+    fused = (_DOUBLE_FUSED if double else _SINGLE_FUSED).values()
+    return m.group(2) in (_DOUBLE_SINGLE if double else _SINGLE_SINGLE) or any(m.group(2) in parts for parts in fused)
+
+
 def lora_state_dict(transformer, *, alpha: float, rank: int) -> dict:
     """PEFT LoRA weights of ``transformer`` with keys ``transformer.<module>.lora_A/B.weight``, scale folded in."""
     from peft.utils import get_peft_model_state_dict
