@@ -121,7 +121,8 @@ def expand_paths(paths: list[str]) -> tuple[list[Path], list[IngestItem]]:
         if key not in seen:
             seen.add(key)
             unique.append(f)
-    return unique, skipped
+    # A special file named twice (in its folder, and alone) is reported once.
+    return unique, list({item.path: item for item in skipped}.values())
 
 
 def _refresh(project: Project, known: _Known) -> bool:
