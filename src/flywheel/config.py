@@ -347,9 +347,20 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILENAME) -> Config:
 def load_config(path: Path) -> Config:
     """Read and validate a ``flywheel.toml``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}", hint="run `flywheel init DIR` to create one") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}", hint="check the file's permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")  # TOML is UTF-8; a byte-order mark (Windows editors) is harmless
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(
+            f"{path} is not UTF-8 text: byte 0x{raw[err.start]:02x} at line {line}, column {column}",
+            hint="save flywheel.toml with the UTF-8 encoding (most editors: 'Save with encoding' > UTF-8)",
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
