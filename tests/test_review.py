@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import socket
 
 import pytest
@@ -38,7 +40,7 @@ def test_items_show_each_edit_with_its_source_scores_verdict_caption_and_recipe(
     assert forest.recipe == "forest" and forest.caption == "fw_test in a forest"
     assert (forest.verdict, forest.verdict_reason) == ("accepted", "identity kept; forest edit accepted")
     assert [(s.criterion, s.value, s.note) for s in forest.scores] == [
-        ("edit_applied", 0.42, None), ("identity", 0.29, None)]  # newest identity score only
+        ("identity", 0.29, None), ("edit_applied", 0.42, None)]  # newest identity score only, identity first
     assert items[ids["sunset2"]].verdict is None
     synth = items[ids["synth1"]]
     assert (synth.kind, synth.round, synth.recipe, synth.prompt) == ("synthetic", 1, None, "fw_test on a beach")
@@ -241,8 +243,10 @@ def _raw_get(app, path: str) -> tuple[int, bytes]:
 def test_only_catalog_images_are_served(client, path):
     c, app, project, ids = client
     status, body = _raw_get(app, path)
-    assert status == 404, (path, status)
+    assert status in (400, 404), (path, status)  # 400: not an image id at all; 404: no such image
     assert b"SQLite format" not in body and b"import" not in body and b"root:" not in body
+    error = json.loads(body)  # a one-line JSON error, never a file
+    assert set(error) == {"error", "hint"} and "\n" not in error["error"]
 
 
 def test_images_are_served_by_catalog_id(client):
@@ -332,3 +336,146 @@ def test_held_out_evaluation_images_are_not_in_the_review_queue(review_project):
     project.catalog.execute("UPDATE images SET purpose = 'eval' WHERE id = ?", (held_out,))
     assert held_out not in [item.id for item in list_items(project, Filters())]
     assert count_items(project, Filters()).total == before.total - 1
+
+
+# --- what the page opens on, and scores a reviewer can read -------------------------------------------
+def test_the_bare_page_shows_what_needs_a_human_not_what_the_judge_accepted(client):
+    c, app, project, ids = client
+    assert review.Filters.parse({}) == review.Filters(verdict="needs_review", review="todo")
+    assert review.Filters.parse({"verdict": "", "review": ""}) == review.Filters()  # empty: any
+    page = c.get("/")
+    shown = [int(i) for i in re.findall(r'<article class="card[^"]*" id="item-(\d+)"', page.text)]
+    assert shown == [ids["sunset0"], ids["synth1"]]  # the judge's needs_review; accepted forest0 is not "to review"
+    assert '<b data-count="remaining">2</b> to review' in page.text
+    assert ">1 accepted</a>" in page.text and ">2 need review</a>" in page.text  # the judge's tally, as links
+    review.record_review(project, [ids["sunset0"]], "accepted", "ann")
+    assert [i["id"] for i in c.get("/api/items").json()["items"]] == [ids["synth1"]]
+    # Links keep an explicit "any": paging never falls back to the default view.
+    assert review.Filters(round=1).query() == {"round": "1", "verdict": "", "review": ""}
+
+
+def test_scores_read_as_labels_with_their_thresholds(review_project):
+    from flywheel.config import JudgeConfig
+    from flywheel.review.labels import score_label
+
+    cfg = JudgeConfig()
+
+    def label(criterion, scorer, value, **details):
+        got = score_label(criterion, scorer, value, details, cfg)
+        return got.text, got.status
+
+    assert label("identity", "face:dlib_resnet_v1", 0.42, max_distance=0.6) == (
+        "identity: face distance 0.42 (accept ≤ 0.60)", "pass")
+    assert label("identity", "face:dlib_resnet_v1", 0.71, max_distance=0.6, closest_source_id=3) == (
+        "identity: face distance 0.71 to source #3 (accept ≤ 0.60)", "fail")
+    assert label("identity", "face:dlib_resnet_v1", None, note="no face found in the image") == (
+        "identity: no face found in the image", "unknown")
+    assert label("duplicate", "phash:dct64", 3, nearest_image_id=12, max_distance=6) == (
+        "near-duplicate of #12? (phash distance 3, limit 6)", "unknown")
+    assert label("duplicate", "phash:dct64", 28, nearest_image_id=12, max_distance=6) == (
+        "not a near-duplicate: closest #12 at phash distance 28 (limit 6)", "pass")
+    assert label("duplicate", "pixels:change", 0.012, image_id=12, phash_distance=3, max=0.05) == (
+        "near-duplicate of #12 (phash distance 3, limit 6; 1.2% of pixels differ, duplicate < 5%)", "fail")
+    assert label("edit_applied", "pixels:change", 0.34, min=0.05) == (
+        "edit: 34% of pixels changed (accept ≥ 5%)", "pass")
+    assert label("quality", "pixels:sharpness", 0.0002, min=0.0005) == (
+        "quality: sharpness 0.0002 (accept ≥ 0.0005)", "fail")
+    assert label("quality", "pixels:noise", 0.012, max=0.04) == ("quality: noise σ 0.012 (accept ≤ 0.040)", "pass")
+    assert label("identity", "vlm_pairwise:tiny", 0.83) == ("identity: P(same character) 0.83 (accept ≥ 0.50)", "pass")
+    assert label("quality", "vlm_verdict:tiny", 0.0, reasons="extra fingers") == (
+        'VLM verdict: artifacts ("extra fingers")', "fail")
+    assert label("aesthetics", "someone:else", 0.5) == ("aesthetics: 0.5", "info")
+    # On the page: the label, with the raw scorer name kept as a tooltip.
+    project, ids = review_project
+    [item] = review.list_items(project, review.Filters(verdict="accepted"))
+    assert [(s.label, s.status) for s in item.scores if s.scorer == "face:dlib_resnet_v1"] == [
+        ("identity: face distance 0.31 (accept ≤ 0.60)", "pass")]
+
+
+# --- acting on a whole filter --------------------------------------------------------------------------
+def test_a_filter_action_writes_one_row_per_image_of_every_page(client):
+    c, app, project, ids = client
+    verdicts = _verdicts(project)
+    body = {"filter": {"kind": "enriched", "verdict": "", "review": "todo", "limit": "1"}, "expected": 4,
+            "decision": "accepted"}
+    res = c.post("/review", json=body, headers={"X-CSRF-Token": c.csrf})
+    assert res.status_code == 200, res.text
+    enriched = [ids[n] for n in ("forest0", "sunset0", "forest1", "sunset2")]
+    assert res.json()["recorded"] == 4 and res.json()["previous"] == {str(i): None for i in enriched}
+    assert _reviews(project) == [(i, "accepted", "tester", None) for i in enriched]  # limit=1 did not cut it short
+    assert _verdicts(project) == verdicts
+    # Confirmed for 4, but the filter now selects none (all decided): nothing is written.
+    stale = c.post("/review", json=body, headers={"X-CSRF-Token": c.csrf})
+    assert stale.status_code == 409
+    assert stale.json()["error"] == "this filter now selects 0 images, not the 4 you confirmed"
+    with pytest.raises(review.SelectionChanged):
+        review.record_filter_review(project, review.Filters(kind="synthetic"), "rejected", "ann", expected=5)
+    assert len(_reviews(project)) == 4
+
+
+# --- absurd input gets a one-line JSON 4xx, never a 500 --------------------------------------------------
+def _json_4xx(res) -> str:
+    assert 400 <= res.status_code < 500, (res.status_code, res.text[:200])
+    body = res.json()
+    assert set(body) == {"error", "hint"} and "\n" not in body["error"] and len(body["error"]) < 200
+    return body["error"]
+
+
+@pytest.mark.parametrize("image_id", ["9" * 5000, "-3", "1.5", "1e3", "abc", "0x10", "١٢", "0", "%00"])
+def test_absurd_image_ids_get_a_json_4xx(client, image_id):
+    c, app, project, ids = client
+    for kind in ("full", "thumb"):
+        _json_4xx(c.get(f"/image/{image_id}/{kind}"))
+    for value in (image_id, [image_id]):
+        _json_4xx(c.post("/review", json={"image_ids": value, "decision": "accepted"}, headers={"X-CSRF-Token": c.csrf}))
+    _json_4xx(c.post("/caption", json={"image_id": image_id, "text": "fw_test"}, headers={"X-CSRF-Token": c.csrf}))
+    _json_4xx(c.get("/", params={"source": image_id}))
+    assert _reviews(project) == []
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"image_ids": [' + b"9" * 5000 + b'], "decision": "accepted"}',  # past int()'s digit limit
+    b'{"image_ids": [-3, 1.5, 1e999], "decision": "accepted"}',
+    b'{"image_ids": ' + b"[" * 100_000 + b"]" * 100_000 + b', "decision": "accepted"}',
+    b"[" * 300_000,
+    b'{"filter": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_000 + b', "expected": 1, "decision": "accepted"}',
+    b'{"image_ids": [[[[6]]]], "decision": {"a": []}}',
+    b'{"filter": {"verdict": ["needs_review"]}, "expected": 1, "decision": "accepted"}',
+    b'{"filter": {}, "expected": true, "decision": "accepted"}',
+    b'{"image_id": [6], "text": {"deep": [[["x"]]]}}',
+])
+def test_deep_and_malformed_bodies_get_a_json_4xx(client, raw):
+    c, app, project, ids = client
+    captions_before = project.catalog.query("SELECT COUNT(*) FROM captions")[0][0]
+    for route in ("/review", "/caption"):
+        _json_4xx(c.post(route, content=raw, headers={"Content-Type": "application/json", "X-CSRF-Token": c.csrf}))
+    assert _reviews(project) == []
+    assert project.catalog.query("SELECT COUNT(*) FROM captions")[0][0] == captions_before
+
+
+def test_unknown_routes_and_methods_answer_json(client):
+    c, app, project, ids = client
+    assert _json_4xx(c.get("/nope")) == "not found: no such page or image"
+    assert _json_4xx(c.get("/static/nope.js")) == "not found: no such page or image"
+    assert _json_4xx(c.get("/caption")) == "GET is not allowed here"
+
+
+# --- captions from the page ------------------------------------------------------------------------
+def test_caption_route_appends_a_human_caption(client):
+    c, app, project, ids = client
+    a = ids["forest0"]
+    assert c.post("/caption", json={"image_id": a, "text": "x"}).status_code == 403  # CSRF as for reviews
+    res = c.post("/caption", json={"image_id": a, "text": "under pines\u202e\nat dawn"}, headers={"X-CSRF-Token": c.csrf})
+    assert res.status_code == 200, res.text
+    assert res.json()["caption"] == "fw_test, under pines at dawn" and res.json()["changed"]
+    assert "added the trigger word 'fw_test' at the start" in res.json()["notes"]
+    assert _json_4xx(c.post("/caption", json={"image_id": a, "text": " \u200b "},
+                            headers={"X-CSRF-Token": c.csrf})) == "the caption is empty after cleaning"
+    form = c.post("/caption", data={"image_id": str(a), "text": "fw_test by a lake", "csrf_token": c.csrf,
+                                    "next": "/?kind=enriched"})
+    assert form.status_code == 303 and form.headers["location"] == "/?kind=enriched"
+    rows = project.catalog.query("SELECT source, text FROM captions WHERE image_id = ? ORDER BY id", (a,))
+    assert [tuple(r) for r in rows] == [("template", "fw_test in a forest"), ("human", "fw_test, under pines at dawn"),
+                                        ("human", "fw_test by a lake")]
+    [item] = [i for i in c.get("/api/items", params={"verdict": "accepted"}).json()["items"]]
+    assert (item["caption"], item["caption_source"]) == ("fw_test by a lake", "human")

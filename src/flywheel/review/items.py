@@ -25,16 +25,21 @@ REVIEW_FILTERS = ("todo", "accepted", "rejected", "skipped")
 DEFAULT_VIEW = {"verdict": "needs_review", "review": "todo"}
 PAGE_SIZE = 120  # cards per page: thumbnails load lazily, and 1,000 cards would still be a slow page
 
-_LATEST = "SELECT {cols} FROM {table} WHERE id IN (SELECT MAX(id) FROM {table} GROUP BY image_id)"
+# The newest row of a table for image ``alias.id``, found through the (image_id) index: one probe per image.
+# (A "WHERE id IN (SELECT MAX(id) ... GROUP BY image_id)" sub-table makes SQLite walk the whole list for
+# every image: 1,000 images took 0.3 s per query that way.)
+_NEWEST = "(SELECT MAX(t.id) FROM {table} t WHERE t.image_id = {alias}.id)"
 # flywheel.enrich records the recipe as 'recipe'; 'recipe_id' is accepted too (older or external writers).
 _RECIPE = ("CAST(COALESCE(json_extract(o.params_json, '$.recipe'), json_extract(o.params_json, '$.recipe_id'))"
            " AS TEXT)")
+# Scores read in the order a reviewer asks: same character? edit applied? clean? a duplicate?
+_CRITERIA_ORDER = ("CASE criterion WHEN 'identity' THEN 0 WHEN 'edit_applied' THEN 1 WHEN 'quality' THEN 2 "
+                   "WHEN 'keep' THEN 3 WHEN 'duplicate' THEN 4 ELSE 5 END")
 _FROM = f"""
 FROM images i
-LEFT JOIN ({_LATEST.format(cols="image_id, verdict, reason", table="verdicts")}) lv ON lv.image_id = i.id
-LEFT JOIN ({_LATEST.format(cols="image_id, decision, reason, reviewer, created_at", table="reviews")}) lr
-       ON lr.image_id = i.id
-LEFT JOIN ({_LATEST.format(cols="image_id, text, source", table="captions")}) lc ON lc.image_id = i.id
+LEFT JOIN verdicts lv ON lv.id = {_NEWEST.format(table="verdicts", alias="i")}
+LEFT JOIN reviews lr ON lr.id = {_NEWEST.format(table="reviews", alias="i")}
+LEFT JOIN captions lc ON lc.id = {_NEWEST.format(table="captions", alias="i")}
 LEFT JOIN operations o ON o.id = i.operation_id
 """
 
@@ -206,7 +211,7 @@ def list_items(project: Project, filters: Filters | None = None) -> list[Item]:
     for r in q(f"""SELECT p.image_id, p.parent_id, p.role, pi.sha256, pi.kind,
                           COALESCE(lr.decision = 'rejected' AND pi.kind = 'source', 0) AS left_out
                    FROM image_parents p JOIN images pi ON pi.id = p.parent_id
-                   LEFT JOIN ({_LATEST.format(cols="image_id, decision", table="reviews")}) lr ON lr.image_id = pi.id
+                   LEFT JOIN reviews lr ON lr.id = {_NEWEST.format(table="reviews", alias="pi")}
                    WHERE p.image_id IN ({marks}) ORDER BY p.role DESC, p.parent_id""", tuple(items)):
         items[r["image_id"]].parents.append(Parent(r["parent_id"], r["sha256"], r["kind"], r["role"],
                                                    bool(r["left_out"])))
@@ -216,7 +221,7 @@ def list_items(project: Project, filters: Filters | None = None) -> list[Item]:
     for r in q(f"""SELECT image_id, criterion, scorer, value, details_json FROM scores
                    WHERE id IN (SELECT MAX(id) FROM scores WHERE image_id IN ({marks})
                                 GROUP BY image_id, criterion, scorer)
-                   ORDER BY image_id, criterion, scorer""", tuple(items)):
+                   ORDER BY image_id, {_CRITERIA_ORDER}, criterion, scorer""", tuple(items)):
         details = _details(r["details_json"])
         label = score_label(r["criterion"], r["scorer"], r["value"], details, cfg)
         items[r["image_id"]].scores.append(Score(r["criterion"], r["scorer"], r["value"], _note(details),

@@ -36,8 +36,8 @@ def score_label(criterion: str, scorer: str, value: float | None, details: dict[
     def label(text: str, status: str) -> Label:
         return Label(text, status, scorer)
 
-    def unknown(what: str) -> Label:
-        return label(f"{what}: {note or 'not measured'}", "unknown")
+    def unknown(what: str) -> Label:  # "identity: no face found in the image"
+        return label(f"{what.split(':')[0]}: {note or 'not measured'}", "unknown")
 
     def at_most(what: str, shown: str, limit: float, fmt: str) -> Label:
         if value is None:

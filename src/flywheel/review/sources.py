@@ -15,7 +15,8 @@ from typing import Any
 
 from flywheel.project import Project
 
-_LATEST = "SELECT {cols} FROM {table} WHERE id IN (SELECT MAX(id) FROM {table} GROUP BY image_id)"
+# The newest row of a table for image ``alias.id``, through the (image_id) index (see review.items).
+_NEWEST = "(SELECT MAX(t.id) FROM {table} t WHERE t.image_id = {alias}.id)"
 
 
 @dataclass
@@ -58,9 +59,8 @@ def list_sources(project: Project) -> list[SourceItem]:
                    lr.decision AS review, lr.reason AS review_reason, lr.reviewer, lr.created_at AS reviewed_at,
                    lc.text AS caption, lc.source AS caption_source
             FROM images i
-            LEFT JOIN ({_LATEST.format(cols="image_id, decision, reason, reviewer, created_at", table="reviews")}) lr
-                   ON lr.image_id = i.id
-            LEFT JOIN ({_LATEST.format(cols="image_id, text, source", table="captions")}) lc ON lc.image_id = i.id
+            LEFT JOIN reviews lr ON lr.id = {_NEWEST.format(table="reviews", alias="i")}
+            LEFT JOIN captions lc ON lc.id = {_NEWEST.format(table="captions", alias="i")}
             WHERE i.kind = 'source' ORDER BY i.id""")}
     if not sources:
         return []
@@ -75,10 +75,8 @@ def list_sources(project: Project) -> list[SourceItem]:
                                 CASE WHEN lr.decision IN ('accepted', 'rejected') THEN lr.decision
                                      ELSE lv.verdict END AS effective
                          FROM images e
-                         LEFT JOIN ({_LATEST.format(cols="image_id, decision", table="reviews")}) lr
-                                ON lr.image_id = e.id
-                         LEFT JOIN ({_LATEST.format(cols="image_id, verdict", table="verdicts")}) lv
-                                ON lv.image_id = e.id
+                         LEFT JOIN reviews lr ON lr.id = {_NEWEST.format(table="reviews", alias="e")}
+                         LEFT JOIN verdicts lv ON lv.id = {_NEWEST.format(table="verdicts", alias="e")}
                          WHERE e.kind = 'enriched' AND e.purpose = 'train') d ON d.id = p.image_id
                    WHERE p.role = 'source' GROUP BY p.parent_id"""):
         if r["source_id"] in sources:
@@ -89,10 +87,9 @@ def list_sources(project: Project) -> list[SourceItem]:
     distances: dict[int, list[float]] = {}
     for r in q("""SELECT p.parent_id, s.value FROM image_parents p
                   JOIN images e ON e.id = p.image_id AND e.kind = 'enriched' AND e.purpose = 'train'
-                  JOIN scores s ON s.image_id = p.image_id
-                  WHERE p.role = 'source' AND s.value IS NOT NULL
-                    AND s.id IN (SELECT MAX(id) FROM scores WHERE criterion = 'identity' AND scorer LIKE 'face:%'
-                                 GROUP BY image_id)"""):
+                  JOIN scores s ON s.id = (SELECT MAX(t.id) FROM scores t WHERE t.image_id = e.id
+                                           AND t.criterion = 'identity' AND t.scorer LIKE 'face:%')
+                  WHERE p.role = 'source' AND s.value IS NOT NULL"""):
         distances.setdefault(r["parent_id"], []).append(float(r["value"]))
     for source_id, values in distances.items():
         if source_id in sources:
