@@ -237,4 +237,38 @@ def tiny_pix2pix_dir(tmp_path_factory) -> Path:
     from flywheel.testing.tiny.pix2pix import build_tiny_pix2pix
 
     return build_tiny_pix2pix(tmp_path_factory.mktemp("models") / "tiny-pix2pix")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_lora(tiny_qwen_image_edit_dir, tmp_path_factory) -> Path:
+    """A diffusers-format LoRA file for the tiny Qwen-Image-Edit transformer, with weights that change edits."""
+    import torch
+    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    tr = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_image_edit_dir, subfolder="transformer")
+    torch.manual_seed(2)
+    tr.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():  # gaussian init leaves B at zero (a no-op LoRA); make it bite
+        for name, p in tr.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("qwen-lora")
+    QwenImageEditPlusPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(tr))
+    return out / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture
+def small_qwen_edit_inputs(monkeypatch):
+    """The Qwen-Image-Edit pipelines encode every picture at ~1 MP (VAE) / 384² (text encoder) whatever the
+    output size; at 64² instead, a tiny edit with references takes ~2 s on a CPU instead of ~10 s per image."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as single
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
+
+    monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", 64 * 64)
+    monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", 56 * 56)
+    real = single.calculate_dimensions
+    monkeypatch.setattr(single, "calculate_dimensions", lambda area, ratio: real(64 * 64, ratio))
 # --- end models (VLM/editors) -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from flywheel.config import EnrichConfig
+from flywheel.config import EditorLora, EnrichConfig
 from flywheel.enrich import enrich, plan, work_key
 from flywheel.errors import StageError
 from flywheel.images import phash, phash_hex, pixel_sha256
@@ -244,3 +244,104 @@ def test_a_batch_recorded_in_part_is_edited_whole_on_resume(project, sources):
     assert first.batches == [3] and again.batches == [3]  # the same batch, not the 2 missing edits alone
     assert (len(result.made), result.already_done) == (2, 1)
     assert counts(project)["enriched"] == 3
+
+
+# --- editor settings from [enrich]: they reach the pipeline, the work keys and the catalog ---------------
+def test_editor_settings_change_work_keys_only_where_they_differ_from_the_preset(project, sources):
+    from flywheel.config import ConfigError
+    from flywheel.enrich import editor_id, editor_settings
+
+    models = project.config.models.model_copy(update={"editor": "qwen-image-edit-2511-lightning"})
+    base = EnrichConfig(backend="qwen-image-edit", recipes=["studio"])
+    assert editor_id(base, models) == "qwen-image-edit=qwen-image-edit-2511-lightning"
+    lightning = {"hub": "lightx2v/Qwen-Image-Edit-2511-Lightning",
+                 "weight": "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"}
+
+    def key(**settings):
+        return editor_id(base.model_copy(update=settings), models)
+
+    # What the preset already does is the same work; anything else is other work, each its own.
+    same = {key(), key(steps=4), key(true_cfg=1.0, scheduler_shift=3.0), key(loras=[EditorLora(**lightning)])}
+    other = [key(steps=8), key(true_cfg=4.0), key(loras=[]), key(loras=[EditorLora(**lightning, scale=0.5)]),
+             key(loras=[EditorLora(path="loras/style.safetensors")]), key(negative_prompt="blurry"),
+             key(max_area=512**2)]
+    assert len(same) == 1 and len(set(other)) == len(other) and not same & set(other)
+    assert all(k.startswith("qwen-image-edit=qwen-image-edit-2511-lightning+") for k in other)
+    # LoRA paths are relative to the project (the key keeps them as written, so a moved project keeps its edits).
+    cfg = base.model_copy(update={"loras": [EditorLora(path="loras/style.safetensors", scale=0.8)], "steps": 6})
+    assert editor_settings(cfg, project.root) == {
+        "num_inference_steps": 6, "loras": [{"path": str(project.root / "loras/style.safetensors"), "scale": 0.8}]}
+    # A setting the backend's pipeline never reads is an error, not silently dropped.
+    with pytest.raises(ConfigError, match="guidance does not apply to backend 'qwen-image-edit'") as err:
+        editor_settings(base.model_copy(update={"guidance": 3.5}))
+    assert "true_cfg" in err.value.hint
+    with pytest.raises(ConfigError, match="true_cfg does not apply to backend 'instruct-pix2pix'"):
+        editor_settings(EnrichConfig(backend="instruct-pix2pix", true_cfg=2.0))
+    assert editor_settings(EnrichConfig(backend="composite", steps=3)) == {}  # `--backend composite` keeps working
+
+
+def test_enrich_sends_the_configured_settings_lora_and_picture_prompt_to_the_pipeline(
+        project, sources, tiny_qwen_image_edit_dir, tiny_qwen_image_lora, small_qwen_edit_inputs, monkeypatch):
+    """flywheel.toml -> enrich -> the tiny Qwen-Image-Edit-Plus pipeline's __call__: what it receives."""
+    import shutil
+
+    from diffusers import QwenImageEditPlusPipeline
+
+    from flywheel.models.qwen_image_edit import pipeline_prompt
+
+    calls = []
+    real_call = QwenImageEditPlusPipeline.__call__
+
+    def spy(self, *args, **kwargs):  # records, then runs the real pipeline
+        calls.append(kwargs)
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(QwenImageEditPlusPipeline, "__call__", spy)
+    (project.root / "loras").mkdir()
+    shutil.copy(tiny_qwen_image_lora, project.root / "loras" / "style.safetensors")
+    project.config.models.editor = str(tiny_qwen_image_edit_dir)
+    cfg = EnrichConfig(backend="qwen-image-edit", recipes=["studio"], references=1, steps=3, true_cfg=1.0,
+                       max_area=64 * 64, loras=[EditorLora(path="loras/style.safetensors", scale=0.6)])
+    result = enrich(project, cfg)
+    assert len(result.made) == 3 and len(calls) == 3
+    full_prompt = plan(project, cfg)[0].recipe.full_prompt
+    assert [(c["num_inference_steps"], c["true_cfg_scale"]) for c in calls] == [(3, 1.0)] * 3
+    assert {(c["width"], c["height"]) for c in calls} == {(64, 64)}
+    assert [len(c["image"]) for c in calls] == [2, 2, 2]  # the source, then one reference
+    assert calls[0]["prompt"] == pipeline_prompt(full_prompt, 1)
+    assert calls[0]["prompt"].startswith(f"Edit Picture 1: {full_prompt} Keep the character in Picture 1. Picture 2 ")
+    rows = project.catalog.query("SELECT work_key, params_json FROM operations WHERE stage = 'enrich' AND "
+                                 "work_key IS NOT NULL AND status = 'ok'")
+    assert len(rows) == 3
+    for row in rows:
+        params = json.loads(row["params_json"])
+        assert params["prompt"] == full_prompt and params["pipeline_prompt"] == calls[0]["prompt"]
+        assert params["editor"]["num_inference_steps"] == 3 and params["editor"]["max_area"] == 64 * 64
+        assert params["editor"]["loras"] == [{"source": str(project.root / "loras" / "style.safetensors"),
+                                              "path": str(project.root / "loras" / "style.safetensors"),
+                                              "scale": 0.6, "fused": True}]
+        assert row["work_key"].endswith(":" + editor_id_of(project, cfg)) and "+" in row["work_key"]
+    assert enrich(project, cfg).already_done == 3  # the same settings resume; nothing is redone
+
+
+def editor_id_of(project, cfg):
+    from flywheel.enrich import editor_id
+
+    return editor_id(cfg, project.config.models)
+
+
+def test_template_documents_every_enrich_key_with_valid_examples():
+    """The commented editor settings in the flywheel.toml template are valid when uncommented."""
+    import re
+    import tomllib
+
+    from flywheel.config import render_config_template
+
+    text = render_config_template("A", "fw_a")
+    section = text[text.index("\n[enrich]\n"):text.index("\n[caption]\n")]
+    uncommented = re.sub(r"(?m)^# (\[\[enrich\.loras\]\]|[a-z_]+ = .*)$", r"\1", section)
+    data = tomllib.loads(uncommented)["enrich"]
+    assert set(data) == set(EnrichConfig.model_fields)
+    cfg = EnrichConfig(**data)
+    assert [lo.hub or str(lo.path) for lo in cfg.loras] == ["lightx2v/Qwen-Image-Edit-2511-Lightning",
+                                                             "loras/my-editor-style.safetensors"]

@@ -20,7 +20,7 @@ from flywheel.models.hub import check_gpu_memory, count_parameters, resolve_mode
 from flywheel.models.presets import PRESETS, ROLE_OF_FAMILY, TINY_FOR_ROLE
 
 ISSUE_PRESETS = {"qwen2-vl-2b", "qwen2-vl-7b", "qwen2.5-vl-7b", "flux-dev", "flux-schnell", "flux-kontext-dev",
-                 "qwen-image-edit-2511", "instruct-pix2pix"}
+                 "qwen-image-edit-2511", "qwen-image-edit-2511-lightning", "instruct-pix2pix"}
 
 
 def test_presets_cover_every_role_with_hub_ids_and_memory_figures():
@@ -32,6 +32,29 @@ def test_presets_cover_every_role_with_hub_ids_and_memory_figures():
         else:
             assert re.fullmatch(r"[\w.-]+/[\w.-]+", p.hub_id) and p.vram_gib > 0 and p.dtype == "bfloat16"
     assert {PRESETS[name].role for name in TINY_FOR_ROLE.values()} == set(TINY_FOR_ROLE)
+
+
+def test_editor_presets_pair_stock_and_fast_settings_and_the_fast_one_is_the_default():
+    from flywheel.config import EditorLora
+
+    stock, fast, fast8 = (PRESETS[f"qwen-image-edit-2511{s}"] for s in ("", "-lightning", "-lightning-8step"))
+    assert stock.hub_id == fast.hub_id == fast8.hub_id == "Qwen/Qwen-Image-Edit-2511"  # same weights, other settings
+    assert (stock.settings["num_inference_steps"], stock.settings["true_cfg_scale"]) == (40, 4.0)
+    assert "loras" not in stock.settings and "scheduler_shift" not in stock.settings
+    lightning = "lightx2v/Qwen-Image-Edit-2511-Lightning"
+    for preset, steps in ((fast, 4), (fast8, 8)):
+        s = preset.settings  # the Lightning recipe: n steps, no CFG, the shift-3 schedule it was distilled with
+        assert (s["num_inference_steps"], s["true_cfg_scale"], s["scheduler_shift"]) == (steps, 1.0, 3.0)
+        assert s["loras"] == [{"hub": lightning,
+                               "weight": f"Qwen-Image-Edit-2511-Lightning-{steps}steps-V1.0-bf16.safetensors"}]
+    kontext, turbo = PRESETS["flux-kontext-dev"], PRESETS["flux-kontext-dev-turbo"]
+    assert kontext.hub_id == turbo.hub_id and kontext.settings["num_inference_steps"] == 28
+    assert turbo.settings["num_inference_steps"] == 8
+    assert turbo.settings["loras"][0]["hub"] == "alimama-creative/FLUX.1-Turbo-Alpha"
+    assert ModelsConfig().editor == "qwen-image-edit-2511-lightning" and "default editor" in fast.note
+    for preset in PRESETS.values():  # every preset LoRA is one .safetensors file of a hub repo
+        for lora in preset.settings.get("loras", []):
+            EditorLora(**lora)
 
 
 def test_importing_the_model_layer_does_no_heavy_work():

@@ -236,16 +236,17 @@ def test_missing_low_vram_libraries_name_the_extra(monkeypatch):
     import sys
 
     from flywheel.errors import MissingExtraError
-    from flywheel.train import _check_runnable
+    from flywheel.train import BaseLoad, _check_runnable
 
     monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed: importing it raises ImportError
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     for update, package in [({"quantize_base": "int8"}, "torchao"), ({"quantize_base": "nf4"}, "bitsandbytes"),
                             ({"optimizer": "adamw8bit"}, "bitsandbytes")]:
         with pytest.raises(MissingExtraError, match=f"'{package}'") as err:
-            _check_runnable(TrainConfig(**update), "cuda")
+            cfg = TrainConfig(**update)
+            _check_runnable(cfg, BaseLoad("cuda", "bfloat16", cfg.quantize_base, False))
         assert "character-flywheel[lowvram]" in err.value.hint
-    _check_runnable(TrainConfig(quantize_base="fp8"), "cpu")  # fp8 needs neither a GPU nor a library
+    _check_runnable(TrainConfig(quantize_base="fp8"), BaseLoad("cpu", "float32", "fp8", False))  # no GPU, no library
 
 
 @pytest.mark.parametrize("mode, library, layer", [("int8", "torchao", "TorchaoLoraLinear"),

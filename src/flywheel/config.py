@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from flywheel.errors import ConfigError
 
@@ -220,7 +220,8 @@ class ModelsConfig(Section):
 
     captioner: str = Field("qwen2-vl-2b", description="Preset name, local folder or hub id of the captioner VLM.")
     judge: str = Field("qwen2-vl-2b", description="Preset name, local folder or hub id of the judge VLM.")
-    editor: str = Field("qwen-image-edit-2511", description="Preset name, local folder or hub id of the editor.")
+    editor: str = Field("qwen-image-edit-2511-lightning",
+                        description="Preset name, local folder or hub id of the editor.")
     base: str = Field("flux-dev", description="Preset name, local folder or hub id of the text-to-image base.")
     quantization: Literal["none", "nf4", "int8"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -246,6 +247,32 @@ class ModelsConfig(Section):
         )
 
 
+class EditorLora(Section):
+    """One ``[[enrich.loras]]`` entry: a ``weight`` file from the ``hub`` repo, or a local ``path``, at ``scale``."""
+
+    hub: str | None = Field(None, description="Hub repo id (owner/name) that holds the weight file.")
+    weight: str | None = Field(None, description="The *.safetensors file in that repo (may include a subfolder).")
+    path: Path | None = Field(None, description="A local *.safetensors file (relative: to the project folder).")
+    scale: float = Field(1.0, ge=-8.0, le=8.0)
+
+    @model_validator(mode="after")
+    def _one_safetensors_source(self) -> EditorLora:
+        if (self.hub is None) == (self.path is None):
+            raise ValueError("give either hub = 'owner/name' with weight = 'file.safetensors', "
+                             "or path = 'file.safetensors'")
+        if self.hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.hub):
+            raise ValueError(f"hub = {self.hub!r} is not a hub repo id (owner/name)")
+        if self.hub is not None and not self.weight:
+            raise ValueError(f"hub = {self.hub!r} needs weight = the .safetensors file to load from it")
+        if self.path is not None and self.weight:
+            raise ValueError("weight only goes with hub; a local file is given by path alone")
+        name = self.weight or str(self.path)
+        if not name.endswith(".safetensors"):
+            raise ValueError(f"{name!r} is not a .safetensors file "
+                             "(Flywheel loads safetensors only: pickles can run code)")
+        return self
+
+
 class EnrichConfig(Section):
     """``flywheel enrich``: identity-preserving edits of every source (recipes in ``flywheel.recipes``)."""
 
@@ -262,6 +289,19 @@ class EnrichConfig(Section):
     batch_size: int = Field(1, ge=1, le=64)
     references: int = Field(2, ge=0, le=8, description="Other sources passed as extra references (Qwen-Image-Edit).")
     extra_recipe_files: list[Path] = Field(default_factory=list, description="Your recipe TOML files.")
+    # Editor settings: unset (None) = the [models] editor preset's value (docs/enrich.md lists the presets).
+    steps: int | None = Field(None, ge=1, le=200, description="Denoising steps per edit.")
+    guidance: float | None = Field(
+        None, ge=0.0, le=30.0, description="Distilled guidance (FLUX.1 Kontext) or text guidance (InstructPix2Pix).")
+    true_cfg: float | None = Field(
+        None, ge=1.0, le=20.0, description="True CFG scale (Qwen-Image-Edit, Kontext); 1 = off, > 1 doubles the work.")
+    negative_prompt: str | None = Field(None, description="What edits should avoid; used with true_cfg > 1.")
+    max_area: int | None = Field(
+        None, ge=64 * 64, le=4096 * 4096, description="Output size in pixels; the source's aspect ratio is kept.")
+    scheduler_shift: float | None = Field(
+        None, gt=0.0, le=20.0, description="Fixed flow-matching shift (Lightning LoRAs are distilled at 3).")
+    loras: list[EditorLora] | None = Field(
+        None, description="LoRAs on the editor (replace the preset's); [] = none, not even the preset's.")
 
 
 class EvaluateConfig(Section):

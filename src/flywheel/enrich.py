@@ -1,7 +1,8 @@
 """``flywheel enrich``: identity-preserving edits of every source image, one per source x recipe x seed.
 
 Every unit of work has a deterministic key, ``enrich:<source sha256>:<recipe id>:<seed>:<editor>`` (editor:
-``composite``, or ``<backend>=<model>`` so switching from the tiny to the real model redoes the edits),
+``composite``, or ``<backend>=<model>`` so switching from the tiny to the real model redoes the edits, plus
+``+<hash>`` when ``[enrich]`` sets editor settings the preset does not: other steps or LoRAs, other edits),
 stored as the UNIQUE ``work_key`` of its operation row. A unit is done when its operation is 'ok' with an
 image (or 'skipped': the editor returned an image already in the catalog). Anything else, including
 the 'running' rows a killed process leaves behind, is redone by reusing that row, so re-running never
@@ -16,11 +17,13 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from flywheel.config import EnrichConfig, ModelsConfig
+from flywheel.enrich_settings import editor_settings, settings_tag
 from flywheel.errors import ConfigError, ModelOutputError, StageError
 from flywheel.images import phash, phash_hex, pixel_sha256
 from flywheel.models.base import EditRequest, ImageEditor
@@ -33,7 +36,8 @@ log = logging.getLogger(__name__)
 STAGE = "enrich"
 # Model family and default preset per generative backend; references only where the pipeline takes them.
 BACKEND_FAMILY = {"qwen-image-edit": "qwen_image_edit", "flux-kontext": "flux_kontext", "instruct-pix2pix": "instruct_pix2pix"}
-BACKEND_PRESET = {"qwen-image-edit": "qwen-image-edit-2511", "flux-kontext": "flux-kontext-dev", "instruct-pix2pix": "instruct-pix2pix"}
+BACKEND_PRESET = {"qwen-image-edit": "qwen-image-edit-2511-lightning", "flux-kontext": "flux-kontext-dev",
+                  "instruct-pix2pix": "instruct-pix2pix"}
 TAKES_REFERENCES = {"qwen-image-edit"}
 
 
@@ -69,10 +73,12 @@ def work_key(source_sha: str, recipe_id: str, seed: int, editor_id: str) -> str:
 
 
 def editor_id(cfg: EnrichConfig, models: ModelsConfig, editor: ImageEditor | None = None) -> str:
-    """Which editor makes the edits, as it goes into work keys: another model means other edits."""
+    """Which editor makes the edits, as it goes into work keys: another model, or [enrich] settings that
+    differ from its preset's (steps, guidance, LoRAs...), means other edits."""
     if cfg.backend == "composite":
         return "composite"
-    return f"{cfg.backend}={editor.model_id if editor is not None else editor_spec(cfg, models)}"
+    spec = editor.model_id if editor is not None else editor_spec(cfg, models)
+    return f"{cfg.backend}={spec}{settings_tag(cfg, spec)}"
 
 
 def plan(project: Project, cfg: EnrichConfig, editor: str | None = None) -> list[EditUnit]:
@@ -117,7 +123,7 @@ def enrich(project: Project, cfg: EnrichConfig | None = None, editor: ImageEdito
 
     # 3. Load the editor once (one big model at a time: it is released before returning).
     owned = editor is None
-    editor = editor or load_enrich_editor(cfg, project.config.models)
+    editor = editor or load_enrich_editor(cfg, project.config.models, base=project.root)
     n_refs = min(cfg.references, getattr(editor, "max_references", cfg.references))
     if cfg.backend not in TAKES_REFERENCES:
         n_refs = 0
@@ -172,15 +178,16 @@ def enrich(project: Project, cfg: EnrichConfig | None = None, editor: ImageEdito
     return result
 
 
-def load_enrich_editor(cfg: EnrichConfig, models: ModelsConfig) -> ImageEditor:
-    """The composite editor, or [models] editor for a generative backend (checked against the backend)."""
+def load_enrich_editor(cfg: EnrichConfig, models: ModelsConfig, base: Path | None = None) -> ImageEditor:
+    """The composite editor, or [models] editor for a generative backend (checked against the backend),
+    with [enrich]'s editor settings on top of the preset's (LoRA paths relative to ``base``, the project)."""
     if cfg.backend == "composite":
         from flywheel.models.composite import CompositeEditor
 
         return CompositeEditor()
     from flywheel.models import load_editor
 
-    return load_editor(editor_spec(cfg, models), models)
+    return load_editor(editor_spec(cfg, models), models, **editor_settings(cfg, base))
 
 
 def editor_spec(cfg: EnrichConfig, models: ModelsConfig) -> str:
@@ -230,6 +237,9 @@ def _start_unit(project: Project, unit: EditUnit, editor: ImageEditor, cfg: Enri
     }
     if unit.recipe.caption:  # read by template captions (flywheel.caption)
         params["caption"] = unit.recipe.caption
+    final_prompt = getattr(editor, "pipeline_prompt", None)  # e.g. Qwen's "Picture 1" wording with references
+    if callable(final_prompt) and final_prompt(unit.recipe.full_prompt, len(refs)) != unit.recipe.full_prompt:
+        params["pipeline_prompt"] = final_prompt(unit.recipe.full_prompt, len(refs))
     if cfg.backend == "composite":  # the composite editor follows the spec, not the prompt: record it
         params["composite"] = unit.recipe.composite.model_dump(mode="json")
     # A killed or failed earlier attempt's row is taken over by the catalog: nothing is duplicated.

@@ -48,22 +48,68 @@ class StageHooks:
 
 def run_loop(project: Project, *, hooks: StageHooks | None = None, progress: ProgressFn | None = None,
              on_step: Callable[[str], None] | None = None) -> LoopResult:
+    hooks = hooks or StageHooks()
+    progress = progress or no_progress
+    result = LoopResult()
+    clock = _StepClock(project.catalog)
+
+    def step(name: str) -> None:
+        result.steps.append(name)
+        log.info("loop: %s", name)
+        clock.start(name)
+        if on_step:
+            on_step(name)
+
+    try:
+        _loop(project, hooks, progress, step, result)
+    except BaseException as err:
+        clock.finish("failed", f"{type(err).__name__}: {err}".split("\n")[0])
+        raise
+    clock.finish("ok")
+    return result
+
+
+class _StepClock:
+    """One catalog row per loop step (stage 'run'): its wall time and the GPU memory peak during it, so a
+    user (and benchmarks/loop.py) can see where a run's time and memory went."""
+
+    def __init__(self, catalog):
+        self.catalog, self.op, self.t0 = catalog, None, 0.0
+
+    def start(self, name: str) -> None:
+        import time
+
+        from flywheel.models.pool import reset_gpu_peak
+
+        self.finish("ok")
+        reset_gpu_peak()
+        self.op, self.t0 = self.catalog.start_operation("run", kind="stage_run", params={"step": name}), time.perf_counter()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        import json
+        import time
+
+        from flywheel.models.pool import gpu_peak_gib
+
+        if self.op is None:
+            return
+        row = self.catalog.query("SELECT params_json FROM operations WHERE id = ?", (self.op,))[0]
+        params = {**json.loads(row["params_json"]), "gpu_peak_gib": gpu_peak_gib()}
+        with self.catalog.transaction():
+            self.catalog.execute("UPDATE operations SET params_json = ? WHERE id = ?", (json.dumps(params), self.op))
+        self.catalog.finish_operation(self.op, status, int((time.perf_counter() - self.t0) * 1000), error)
+        self.op = None
+
+
+def _loop(project: Project, hooks: StageHooks, progress: ProgressFn, step: Callable[[str], None],
+          result: LoopResult) -> None:
     from flywheel.caption import caption
     from flywheel.enrich import enrich
     from flywheel.generate import generate
     from flywheel.ingest import ingest
     from flywheel.judge import judge
 
-    hooks = hooks or StageHooks()
-    progress = progress or no_progress
     cfg = project.config
-    result = LoopResult()
-
-    def step(name: str) -> None:
-        result.steps.append(name)
-        log.info("loop: %s", name)
-        if on_step:
-            on_step(name)
 
     # 1. Sources (ingest is a no-op for files already in the catalog).
     if cfg.loop.sources:
@@ -79,7 +125,7 @@ def run_loop(project: Project, *, hooks: StageHooks | None = None, progress: Pro
         if pending:
             step(f"waiting for review ({pending} images)")
             result.waiting_for_review = pending
-            return result
+            return
         # 4. Dataset v_k and LoRA v_k (frozen once; a killed training run is resumed).
         step(f"train round {k}")
         _train_round(project, k, hooks, progress)
@@ -104,7 +150,6 @@ def run_loop(project: Project, *, hooks: StageHooks | None = None, progress: Pro
             ev = evaluate(project, baseline_run=pair[0], candidate_run=pair[1], device=hooks.device,
                           progress=progress, **hooks.model_kwargs)
             result.report, result.verdict = ev.report, ev.verdict
-    return result
 
 
 def _caption_and_judge(project, caption, judge, hooks, progress, step) -> None:

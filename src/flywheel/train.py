@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,10 +54,10 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
         ds = load_dataset(project, cat.query("SELECT version FROM dataset_versions WHERE id = ?",
                                              (run["dataset_id"],))[0]["version"])
         run_id, base = run["id"], run["base_model"]
-        _check_runnable(project, cfg, device)
+        _check_runnable(cfg, base_load(project, cfg, device))
     else:
         cfg = cfg or project.config.train
-        _check_runnable(project, cfg, device)  # before the run is recorded and minutes of loading
+        _check_runnable(cfg, base_load(project, cfg, device))  # before the run is recorded and minutes of loading
         if not force:  # before a version is frozen: a refusal writes nothing
             ensure_trainable(project, _next_round(cat), dataset_version)
         base = base_model_folder(cfg, project.config.models.base)
@@ -184,17 +185,20 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
                      prompt_embeds=torch.cat([e[0] for e in embeds]).to(device, dtype),
                      pooled=torch.cat([e[1] for e in embeds]).to(device, dtype))
 
+    first_step, t_steps = step, 0.0
     while step < cfg.steps:
         if data["position"] >= len(data["order"]):
             data = _new_epoch(groups, cfg, data["epoch"] + 1)
         ids = data["order"][data["position"]]
         data["position"] += 1
         lr = scheduler.get_last_lr()[0]
+        t0 = time.perf_counter()
         loss = train_step(transformer, optimizer, batch_for(ids), generator, params=list(named.values()),
                           guidance=cfg.guidance, sampling=cfg.timestep_sampling, max_grad_norm=cfg.max_grad_norm,
                           lr_scheduler=scheduler)
         step += 1
-        losses.append({"step": step, "loss": float(loss), "lr": lr, "epoch": data["epoch"]})
+        losses.append({"step": step, "loss": float(loss), "lr": lr, "epoch": data["epoch"]})  # float(): waits for the GPU
+        t_steps += time.perf_counter() - t0
         if not math.isfinite(losses[-1]["loss"]):
             raise StageError(f"loss became {losses[-1]['loss']} at step {step}",
                              hint="lower train.learning_rate, or resume from the last checkpoint")
@@ -216,7 +220,10 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
     _artifact(project, "lora_kohya", kohya, run_id, step)
     resolved = {"train": cfg.model_dump(), "base_model_path": str(source), "dataset_version": ds.version,
                 "trigger": trigger, "lora_run_id": run_id, "device": device, "dtype": str(dtype),
-                "quantize_base": load.quantize}
+                "quantize_base": load.quantize,
+                # This process's steps (a resumed run counts only its own): wall time per step, samples excluded.
+                "timing": {"steps": step - first_step, "seconds": round(t_steps, 3),
+                           "seconds_per_step": round(t_steps / max(1, step - first_step), 4)}}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
     _artifact(project, "config", run_dir / "config.json", run_id, step)
     _artifact(project, "loss_csv", losses_io.save_csv(losses, run_dir / "loss.csv"), run_id, step)
@@ -272,10 +279,9 @@ def base_load(project, cfg: TrainConfig, device: str | None) -> BaseLoad:
     return BaseLoad(resolved, dtype, mode, bool(role["cpu_offload"]))
 
 
-def _check_runnable(project, cfg: TrainConfig, device: str | None) -> None:
+def _check_runnable(cfg: TrainConfig, load: BaseLoad) -> None:
     """Options that need a GPU or an optional library fail here, with what to do, not after the loading."""
     targets.check_target_modules(cfg.target_modules)  # else the kohya export fails after training
-    load = base_load(project, cfg, device)
     quantize.check_quantize_support(load.quantize, load.device)
     if cfg.optimizer == "adamw8bit":
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,38 +187,70 @@ class FluxTextToImage(_FluxBase):
 
 
 class FluxKontextEditor(_FluxBase):
-    """FLUX.1 Kontext [dev] instruction editing (ImageEditor protocol). Kontext takes one image per edit."""
+    """FLUX.1 Kontext [dev] instruction editing (ImageEditor protocol). Kontext takes one image per edit.
+
+    Editor LoRAs (``loras``: hub files or local .safetensors, e.g. a few-step turbo LoRA) are applied once
+    at load time through ``flywheel.models.editor_options`` and recorded in ``params()``.
+    """
+
+    editor_loras: Sequence[dict[str, Any]] = ()
+    scheduler_shift: float | None = None
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, dtype=None, device: str | None = None, cpu_offload: bool = False,
-                        quantization: str = "none", **defaults: Any) -> FluxKontextEditor:
+                        quantization: str = "none", loras: Sequence[Mapping[str, Any]] = (),
+                        scheduler_shift: float | None = None, **defaults: Any) -> FluxKontextEditor:
         from diffusers import FluxKontextPipeline
+
+        from flywheel.models.editor_options import apply_loras, set_scheduler_shift
 
         pipe, source, device, dtype = _load_pipeline(FluxKontextPipeline, path_or_id, dtype=dtype, device=device,
                                                      cpu_offload=cpu_offload, quantization=quantization)
-        return cls(pipe, source, device=device, dtype=dtype, cpu_offload=cpu_offload, quantization=quantization,
-                   defaults={**KONTEXT_DEFAULTS, **defaults})
+        if scheduler_shift:
+            set_scheduler_shift(pipe, scheduler_shift)
+        editor = cls(pipe, source, device=device, dtype=dtype, cpu_offload=cpu_offload, quantization=quantization,
+                     defaults={**KONTEXT_DEFAULTS, **defaults})
+        editor.editor_loras = apply_loras(pipe, loras, model_id=source, quantization=quantization)
+        editor.scheduler_shift = scheduler_shift
+        return editor
 
-    def edit(self, requests: list[EditRequest], *, batch_size: int = 2) -> list[Image.Image]:
-        """One output per request, same order. With ``auto_resize`` off the output keeps the input's size
-        (rounded down to a multiple of 16); with it on, Kontext snaps to its preferred ~1 MP resolutions."""
+    def edit(self, requests: list[EditRequest], *, batch_size: int | None = None) -> list[Image.Image]:
+        """One output per request, same order, keeping the source's aspect ratio at ``max_area`` pixels (with
+        ``auto_resize`` and no ``max_area``: Kontext's 1 MP; with neither: the input's size rounded down to a
+        multiple of 16). ``auto_resize`` also snaps the input image to Kontext's preferred resolutions.
+        Requests of one output size run as one call (``batch_size`` at a time when given), each with its own
+        seeded generator."""
+        from flywheel.models._diffusers_common import output_size
+
         opts = dict(self.defaults)
         auto_resize = bool(opts.pop("auto_resize", True))
+        max_area = opts.pop("max_area", None) or (1024 * 1024 if auto_resize else None)
+        if opts.get("true_cfg_scale", 1.0) <= 1.0:
+            opts.pop("negative_prompt", None)  # only read with true CFG
         if any(r.references for r in requests):
             log.debug("FLUX.1 Kontext takes one image per edit; extra reference images are not used")
         out: list[Image.Image | None] = [None] * len(requests)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
-            groups[(r.image.width // 16 * 16, r.image.height // 16 * 16)].append(i)
+            w, h = r.image.size
+            groups[output_size(w, h, max_area, multiple=16) if max_area else (w // 16 * 16, h // 16 * 16)].append(i)
         for (width, height), idx in groups.items():
-            size = {} if auto_resize else {"width": width, "height": height, "max_area": width * height}
-            for start in range(0, len(idx), batch_size):
-                chunk = idx[start:start + batch_size]
+            step = batch_size or len(idx)
+            for start in range(0, len(idx), step):
+                chunk = idx[start:start + step]
+                call = dict(opts)
+                if "negative_prompt" in call:  # one per prompt, or the negative branch has the wrong batch size
+                    call["negative_prompt"] = [call["negative_prompt"]] * len(chunk)
                 images = self.pipe(
                     image=[requests[i].image.convert("RGB") for i in chunk], prompt=[requests[i].prompt for i in chunk],
-                    generator=_generators([requests[i].seed for i in chunk], self.device),
-                    _auto_resize=auto_resize, **size, **opts,
+                    generator=_generators([requests[i].seed for i in chunk], self.device), _auto_resize=auto_resize,
+                    width=width, height=height, max_area=width * height, **call,
                 ).images
                 for i, im in zip(chunk, images):
                     out[i] = im
         return out  # type: ignore[return-value]
+
+    def params(self) -> dict[str, Any]:
+        params = super().params()
+        params["loras"] = [dict(lo) for lo in self.editor_loras] + params["loras"]
+        return {**params, "scheduler_shift": self.scheduler_shift}

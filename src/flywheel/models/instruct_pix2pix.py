@@ -1,13 +1,15 @@
 """InstructPix2Pix adapter (ImageEditor): a small Stable Diffusion 1.5 editor, the cheap GPU fallback.
 
 It edits one image with text; reference images are not used. Requests of one output size run as a batch,
-each with its own seeded generator, so a result depends on its seed and not on its batch.
+each with its own seeded generator, so a result depends on its seed and not on its batch. Stable Diffusion
+1.5 LoRAs load as editor LoRAs (``loras``, ``flywheel.models.editor_options``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from PIL import Image
 
 from flywheel.models._diffusers_common import generator, load_pipeline, output_size
 from flywheel.models.base import EditRequest
+from flywheel.models.editor_options import apply_loras
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ DEFAULTS: dict[str, Any] = {"num_inference_steps": 20, "guidance_scale": 7.5, "i
 
 class InstructPix2PixEditor:
     def __init__(self, pipe, *, model_id: str, device: str, dtype, cpu_offload: bool, quantization: str,
-                 settings: dict[str, Any]):
+                 settings: dict[str, Any], loras: list[dict[str, Any]] | None = None):
         self.pipe = pipe
         self.model_id = model_id
         self.device = device
@@ -32,11 +35,13 @@ class InstructPix2PixEditor:
         self.cpu_offload = cpu_offload
         self.quantization = quantization
         self.settings = settings
+        self.loras = loras or []
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, model_id: str | None = None, device: str = "cpu",
                         dtype: str | None = None, cpu_offload: bool = False, quantization: str = "none",
-                        vae_tiling: bool | None = None, **settings: Any) -> InstructPix2PixEditor:
+                        vae_tiling: bool | None = None, loras: Sequence[Mapping[str, Any]] = (),
+                        **settings: Any) -> InstructPix2PixEditor:
         from diffusers import StableDiffusionInstructPix2PixPipeline
 
         label = model_id or str(path)
@@ -44,8 +49,9 @@ class InstructPix2PixEditor:
                                           device=device, dtype=dtype, cpu_offload=cpu_offload,
                                           quantization=quantization, vae_tiling=vae_tiling, quantize=("unet",),
                                           safety_checker=None, requires_safety_checker=False)
+        records = apply_loras(pipe, loras, model_id=label, quantization=quantization)
         return cls(pipe, model_id=label, device=device, dtype=torch_dtype, cpu_offload=cpu_offload,
-                   quantization=quantization, settings={**DEFAULTS, **settings})
+                   quantization=quantization, settings={**DEFAULTS, **settings}, loras=records)
 
     def edit(self, requests: list[EditRequest]) -> list[Image.Image]:
         opts = dict(self.settings)
@@ -69,4 +75,5 @@ class InstructPix2PixEditor:
 
     def params(self) -> dict[str, Any]:
         return {"model": self.model_id, "family": "instruct_pix2pix", "device": self.device, "dtype": str(self.dtype),
-                "cpu_offload": self.cpu_offload, "quantization": self.quantization, **self.settings}
+                "cpu_offload": self.cpu_offload, "quantization": self.quantization, **self.settings,
+                "loras": [dict(r) for r in self.loras]}

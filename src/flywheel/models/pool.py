@@ -168,6 +168,20 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def reset_gpu_peak() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peak_gib() -> float | None:
+    """Peak GPU memory allocated by this process since the last ``reset_gpu_peak`` (None without CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+
+
 def _allocated() -> int:
     torch = sys.modules.get("torch")
     return int(torch.cuda.memory_allocated()) if torch is not None and torch.cuda.is_available() else 0

@@ -5,6 +5,10 @@ its default generation settings and roughly how much GPU memory it needs. Anywhe
 accepted, a local folder (or another hub id) works too; its family is then read from the folder.
 The ``tiny*`` presets build tiny random models of the same architectures (``flywheel.testing.tiny``)
 into a cache folder and load them through the same code as real weights: for CPU tests and demos.
+
+Editors come in pairs where a public few-step LoRA exists: the stock settings (``qwen-image-edit-2511``:
+40 steps, true CFG 4) and the fast ones (``qwen-image-edit-2511-lightning``: lightx2v's 4-step Lightning
+LoRA, no CFG, the shift-3 schedule it was distilled with). The fast preset is the default editor.
 """
 
 from __future__ import annotations
@@ -44,6 +48,15 @@ class Preset:
 _VLM = {"max_pixels": 1024 * 1024}
 _TINY_VLM = ("flywheel.testing.tiny.vlm", "build_tiny_qwen2_vl")
 _TINY_FLUX = {"num_inference_steps": 2, "max_sequence_length": 32}
+# Few-step editor LoRAs (hub repo + file, fetched alone: the repos hold several variants). Lightning: 4 or 8
+# steps at true CFG 1 with a fixed shift of 3 (ModelTC/Qwen-Image-Lightning, Apache-2.0). Its README warns
+# that it gives grid artifacts on a base cast naively to fp8: use bf16, int8 or nf4 with it, not fp8.
+_LIGHTNING = "lightx2v/Qwen-Image-Edit-2511-Lightning"
+_QWEN_FAST = {"true_cfg_scale": 1.0, "scheduler_shift": 3.0}
+# No few-step LoRA trained on Kontext is public; FLUX.1-dev's 8-step Turbo-Alpha LoRA works on it (nunchaku
+# ships Kontext + this LoRA as its turbo workflow). Same non-commercial licence as Kontext [dev].
+_KONTEXT_TURBO = {"hub": "alimama-creative/FLUX.1-Turbo-Alpha", "weight": "diffusion_pytorch_model.safetensors",
+                  "scale": 1.0}
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("qwen2-vl-2b", "qwen_vl", "Qwen/Qwen2-VL-2B-Instruct", settings=_VLM, vram_gib=6.1, vram_gib_nf4=3.4,
@@ -58,11 +71,23 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell", vram_gib=33.0,
            settings={"num_inference_steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256}),
     Preset("flux-kontext-dev", "flux_kontext", "black-forest-labs/FLUX.1-Kontext-dev", vram_gib=34.0,
-           settings={"num_inference_steps": 28, "guidance_scale": 2.5}, note="gated: accept the licence on the hub"),
+           settings={"num_inference_steps": 28, "guidance_scale": 2.5},
+           note="stock settings; gated: accept the licence on the hub"),
+    Preset("flux-kontext-dev-turbo", "flux_kontext", "black-forest-labs/FLUX.1-Kontext-dev", vram_gib=34.5,
+           settings={"num_inference_steps": 8, "guidance_scale": 2.5, "loras": [_KONTEXT_TURBO]},
+           note="8 steps with FLUX.1-dev's Turbo-Alpha LoRA (not trained on Kontext: check the edits); gated"),
     Preset("qwen-image-edit", "qwen_image_edit", "Qwen/Qwen-Image-Edit", vram_gib=58.0,
            settings={"num_inference_steps": 40, "true_cfg_scale": 4.0}),
     Preset("qwen-image-edit-2511", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=58.0,
-           settings={"num_inference_steps": 40, "true_cfg_scale": 4.0}, note="default editor; several references"),
+           settings={"num_inference_steps": 40, "true_cfg_scale": 4.0}, note="stock settings; several references"),
+    Preset("qwen-image-edit-2511-lightning", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=59.0,
+           settings={"num_inference_steps": 4, **_QWEN_FAST, "loras": [
+               {"hub": _LIGHTNING, "weight": "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"}]},
+           note="default editor: 4 steps with the Lightning LoRA; not with fp8 quantization"),
+    Preset("qwen-image-edit-2511-lightning-8step", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=59.0,
+           settings={"num_inference_steps": 8, **_QWEN_FAST, "loras": [
+               {"hub": _LIGHTNING, "weight": "Qwen-Image-Edit-2511-Lightning-8steps-V1.0-bf16.safetensors"}]},
+           note="8 steps with the 8-step Lightning LoRA; not with fp8 quantization"),
     Preset("instruct-pix2pix", "instruct_pix2pix", "timbrooks/instruct-pix2pix", vram_gib=3.5,
            settings={"num_inference_steps": 20, "guidance_scale": 7.5, "image_guidance_scale": 1.5}),
     # Tiny random models: same architectures, CPU-sized. Settings keep them fast (64 px, 2 steps).
