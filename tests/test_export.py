@@ -209,3 +209,10 @@ def test_cli_freeze_then_export_with_freeze(project, tmp_path):
     r = CliRunner().invoke(main, ["-C", str(project.root), "export", str(tmp_path / "x"), "--freeze", "--dataset", "1"])
     assert r.exit_code == 1 and "Error: --freeze makes a new version" in r.output
     assert project.catalog.query("SELECT COUNT(*) FROM dataset_versions")[0][0] == 2
+
+
+def test_configs_quote_any_folder_name(frozen, tmp_path):
+    dest = tmp_path / 'my "set" \\ été\tv1'
+    res = export_dataset(frozen, dest, fmt="ai-toolkit")
+    assert _ai_toolkit(res.configs[0])["datasets"][0]["folder_path"] == str(res.folder)
+    assert _kohya(res.configs[1])["datasets"][0]["subsets"][0]["image_dir"] == str(res.folder)
