@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -15,27 +14,19 @@ from flywheel.errors import FlywheelError
 log = logging.getLogger("flywheel")
 
 
+@functools.cache
 def _console():
+    """One console for the progress bar and the log lines, so log lines print above a running bar."""
     from rich.console import Console
 
     return Console(stderr=False, highlight=False)
 
 
-@contextmanager
-def rich_progress(description: str) -> Iterator:
-    """A ProgressFn backed by a rich progress bar ("12/25 edits")."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def rich_progress(description: str):
+    """A ProgressFn backed by a rich bar: done/total, rate, ETA, elapsed (``flywheel.progress_display``)."""
+    from flywheel.progress_display import rich_progress as bar
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[label]}"),
-        TimeElapsedColumn(), console=_console(), transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=None, label="")
-
-        def update(done: int, total: int, label: str = "") -> None:
-            bar.update(task, completed=done, total=total, label=label)
-
-        yield update
+    return bar(description, _console())
 
 
 class FlywheelGroup(click.Group):
@@ -74,11 +65,21 @@ def main(ctx: click.Context, project_dir: Path | None, verbose: int) -> None:
     """Flywheel: from a handful of images of one character to a clean dataset and a FLUX LoRA."""
     from rich.logging import RichHandler
 
+    from flywheel.progress import third_party_bars
+
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)], force=True)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=_console(), show_path=False)],
+                        force=True)
+    third_party_bars(enabled=verbose > 0)  # downloads and weight loading: our own lines instead, unless -v
+    for name in MODEL_LOADING_LOGGERS:  # what is loading (and downloading) shows at the default verbosity
+        logging.getLogger(name).setLevel(logging.INFO if verbose == 0 else logging.NOTSET)
     if verbose == 0:
         _quiet_libraries()
     ctx.obj = {"project_dir": project_dir}
+
+
+# "loading flux-dev (text_to_image) for generate ...", "loaded ... in 41.2 s", "released ...", downloads.
+MODEL_LOADING_LOGGERS = ("flywheel.models.pool", "flywheel.models.download")
 
 
 # Libraries that log expected, unactionable warnings at import or load time (optional kernels missing,
@@ -93,7 +94,6 @@ def _quiet_libraries() -> None:
     # diffusers / transformers set their level from these at first import, so set them before that.
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also the weight-loading bars
     os.environ.setdefault("GLOG_minloglevel", "2")  # mediapipe's native (absl/glog) start-up lines
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for name in NOISY_LIBRARIES:

@@ -42,6 +42,9 @@ def load_pipeline(cls, folder: Path, *, label: str, device: str, dtype: str | No
         n_params, needed = needed_bytes(folder, precision, str(torch_dtype).removeprefix("torch."), quantize,
                                         whole=place and not cpu_offload)
         check_gpu_memory(label, needed, torch.cuda.mem_get_info()[0], precision=precision, n_params=n_params)
+    from flywheel.progress import apply_third_party_bars
+
+    apply_third_party_bars()  # diffusers' loading bars follow the CLI's -v (imported only now)
     try:
         pipe = cls.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as err:

@@ -7,6 +7,7 @@ a repo or file that does not exist. The exception classes are huggingface_hub's 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from flywheel.errors import ModelNotFoundError
@@ -36,6 +37,9 @@ def snapshot(repo_id: str, label: str, trust_remote_code: bool) -> Path:
     model_index = read_json(index) if index.is_file() else None
     # 2. Then exactly the files that layout's loader reads.
     fetch = fetch_command(repo_id, diffusers=model_index is not None)
+    if not is_offline():
+        log.info("%s: fetching what the loader reads from the Hugging Face Hub into %s (cached files are kept)",
+                 label, hub_cache_dir())
     folder = _download(repo_id, label, allow_patterns(model_index, trust_remote_code=trust_remote_code), fetch)
     check_weights(folder, label, fetch=fetch)
     return folder
