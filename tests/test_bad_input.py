@@ -281,3 +281,22 @@ def test_control_characters_in_names_are_escaped_in_the_report(root, tmp_path):
     assert "\x1b" not in r.output and "\u202e" not in r.output
     assert f"  added     {d}/two\\nlines\\x1b[31mred\\u202egnp.png" in r.output.splitlines()
     assert count(root, "SELECT original_name FROM images") == evil.name  # the catalog keeps the real name
+
+
+def test_a_catalog_held_by_another_command_is_busy_not_a_crash(root, tmp_path, monkeypatch):
+    photos(tmp_path / "in", 1)
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_S", 0.2)  # SQLite waits 30 s for real
+    holder = sqlite3.connect(root / ".flywheel" / "catalog.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+    try:
+        r = run(root, "ingest", str(tmp_path / "in"))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert error_lines(r.output) == [
+        f"Error: the catalog {root / '.flywheel' / 'catalog.sqlite'} is busy: another flywheel command has been "
+        "writing to it for more than 0.2 s",
+        "Hint: wait for the other command to finish (or stop it), then run this one again; nothing was changed"]
+    assert run(root, "ingest", str(tmp_path / "in")).exit_code == 0  # once it is free, the same command works
+    assert count(root, "SELECT COUNT(*) FROM images") == 1

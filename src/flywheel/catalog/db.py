@@ -24,6 +24,8 @@ from flywheel.errors import CatalogError, StorageError
 log = logging.getLogger(__name__)
 
 MIGRATIONS_TABLE = "_flywheel_migrations"
+# How long a write waits for another process's write to finish before it gives up ("the catalog is busy").
+BUSY_TIMEOUT_S = 30.0
 
 
 def _statements(sql: str) -> Iterator[str]:
@@ -60,7 +62,7 @@ def migrate(conn: sqlite3.Connection, migrations: list[tuple[str, str]] = MIGRAT
         try:
             conn.execute("BEGIN IMMEDIATE")  # take the write lock before re-checking: two processes may race
         except sqlite3.OperationalError as err:  # a read-only project, or another process holding the lock
-            storage = oserrors.from_sqlite_error(err, _db_path(conn))
+            storage = oserrors.from_sqlite_error(err, _db_path(conn), BUSY_TIMEOUT_S)
             if storage is None:
                 raise
             raise storage from err
@@ -78,7 +80,7 @@ def migrate(conn: sqlite3.Connection, migrations: list[tuple[str, str]] = MIGRAT
         except sqlite3.Error as err:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            storage = oserrors.from_sqlite_error(err, _db_path(conn))
+            storage = oserrors.from_sqlite_error(err, _db_path(conn), BUSY_TIMEOUT_S)
             if storage is not None:  # a full disk or a read-only file is not a broken migration
                 raise storage from err
             raise CatalogError(
@@ -125,7 +127,7 @@ class Catalog:
         try:
             return self.conn.execute(sql, params)
         except sqlite3.OperationalError as err:  # disk full, read-only, locked: one line for the user
-            storage = oserrors.from_sqlite_error(err, self.path)
+            storage = oserrors.from_sqlite_error(err, self.path, BUSY_TIMEOUT_S)
             if storage is None:
                 raise
             raise storage from err
@@ -209,13 +211,13 @@ class Catalog:
 
 def connect(path: Path) -> sqlite3.Connection:
     try:
-        conn = sqlite3.connect(str(path), isolation_level=None, timeout=30.0, check_same_thread=False)
+        conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA synchronous=NORMAL")
     except sqlite3.DatabaseError as err:
-        storage = oserrors.from_sqlite_error(err, path)
+        storage = oserrors.from_sqlite_error(err, path, BUSY_TIMEOUT_S)
         if storage is not None:  # a read-only folder or a full disk is not a corrupt catalog
             raise storage from err
         raise CatalogError(

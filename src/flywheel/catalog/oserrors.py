@@ -35,9 +35,9 @@ def read_only(where: Path | str) -> StorageError:
     )
 
 
-def busy(where: Path | str) -> StorageError:
+def busy(where: Path | str, waited_s: float) -> StorageError:
     return StorageError(
-        f"the catalog {where} is busy: another flywheel command has held it for more than 30 s",
+        f"the catalog {where} is busy: another flywheel command has been writing to it for more than {waited_s:g} s",
         hint="wait for the other command to finish (or stop it), then run this one again; nothing was changed",
     )
 
@@ -56,8 +56,9 @@ def from_os_error(err: OSError, where: Path | str | None = None, *, in_project: 
     return None
 
 
-def from_sqlite_error(err: sqlite3.Error, path: Path | str) -> StorageError | None:
-    """The StorageError for SQLite's 'disk full', 'read-only' and 'locked' failures, or None."""
+def from_sqlite_error(err: sqlite3.Error, path: Path | str, busy_timeout_s: float) -> StorageError | None:
+    """The StorageError for SQLite's 'disk full', 'read-only' and 'locked' failures (the last after waiting
+    ``busy_timeout_s``), or None."""
     code = getattr(err, "sqlite_errorcode", None)  # Python >= 3.11; the message is the fallback
     primary = code & 0xFF if isinstance(code, int) else None
     text = str(err).lower()
@@ -66,5 +67,5 @@ def from_sqlite_error(err: sqlite3.Error, path: Path | str) -> StorageError | No
     if primary == _SQLITE_READONLY or "readonly database" in text:
         return read_only(f"the catalog {path}")
     if primary in (_SQLITE_BUSY, _SQLITE_LOCKED) or "database is locked" in text:
-        return busy(path)
+        return busy(path, busy_timeout_s)
     return None
