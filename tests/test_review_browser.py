@@ -278,14 +278,16 @@ def test_a_thousand_image_project_opens_fast_in_chromium(browser, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = re.search(r"http://127\.0\.0\.1:\d+/", proc.stdout.readline()).group(0)
-        t0 = time.monotonic()
         browser.get(url + "?verdict=&review=")
         WebDriverWait(browser, 20).until(
             lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
-        elapsed = time.monotonic() - t0
+        # The browser's own clock, from navigation start: the page is parsed and its script has run
+        # (keys work) once DOMContentLoaded ends. Selenium's round trips are not the page's time.
+        ready_ms = browser.execute_script(
+            "return performance.getEntriesByType('navigation')[0].domContentLoadedEventEnd")
         cards = browser.find_elements(By.CSS_SELECTOR, ".card")
         assert len(cards) == 120 and browser.find_element(By.CSS_SELECTOR, '[data-count="matching"]').text == str(N_IMAGES)
-        assert elapsed < 2.0, elapsed  # the page is usable (script ready) within 2 s
+        assert 0 < ready_ms < 2000, ready_ms
         # More than two cards per row, and only thumbnails near the viewport are fetched (lazy loading).
         tops = [c.location["y"] for c in cards[:10]]
         assert tops.count(tops[0]) >= 3

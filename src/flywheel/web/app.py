@@ -78,6 +78,8 @@ def create_app(project_root: Path | None, token: str | None = None, reviewer: st
     csrf = secrets.token_urlsafe(32)  # per server start: a page from an earlier run must be reloaded
     reviewer = (reviewer or "").strip() or default_reviewer()
     templates = _templates()
+    for name in ("grid.html", "sources.html"):  # compile now: the first page view should not pay for it
+        templates.env.get_template(name)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):

@@ -33,13 +33,14 @@
     toast.timer = setTimeout(() => { el.hidden = true; }, isError ? 6000 : 2200);
   }
 
-  function focusAt(i) {
+  function focusAt(i, scroll = true) {
     if (!cards.length) return;
     const next = Math.max(0, Math.min(cards.length - 1, i));
     if (i > cards.length - 1 && document.querySelector('a[rel="next"]')) toast("Last image of this page: n for the next page");
+    cards[pos].classList.remove("focused");
     pos = next;
-    cards.forEach((c, j) => c.classList.toggle("focused", j === pos));
-    cards[pos].scrollIntoView({ block: "nearest" });
+    cards[pos].classList.add("focused");
+    if (scroll) cards[pos].scrollIntoView({ block: "nearest" });
     if (!overlay().hidden) showOverlay();
   }
 
@@ -367,7 +368,7 @@
   });
   // Filters apply as soon as a menu changes.
   document.querySelectorAll(".filters select").forEach((s) => s.addEventListener("change", () => s.form.submit()));
-  focusAt(0);
+  focusAt(0, false); // the page opens at the top: no scrolling, no forced layout
   showSelected();
   document.body.dataset.ready = "1"; // tests wait for this before pressing keys
 })();
