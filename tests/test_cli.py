@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 from click.testing import CliRunner
 
 from flywheel.cli import main
@@ -53,7 +56,14 @@ def test_demo_runs_the_whole_loop_and_a_rerun_adds_nothing(tmp_path):
                  "» train round 2", "» evaluate"):
         assert step in res.output
     assert "Evaluation: round 2 vs round 1:" in res.output and "Tiny stand-ins:" in res.output
-    assert (tmp_path / "demo" / ".flywheel" / "reports" / "eval-run1-vs-run2" / "index.html").is_file()
+    report = tmp_path / "demo" / ".flywheel" / "reports" / "eval-run1-vs-run2"
+    page = (report / "index.html").read_text()
+    # The report says what changed (the judge rejects the tiny model's noise) and shows each run's training.
+    assert "v2 added 0 synthetic images of the 4 that LoRA round 1 generated: all 4 rejected, 4 for quality." in page
+    for run in (1, 2):
+        assert f"src='training/run-{run}/loss.png'" in page and (report / f"training/run-{run}/loss.png").is_file()
+        assert f"training/run-{run}/step000008-00.jpg" in page and f"training/run-{run}/step000016-01.jpg" in page
+    json.loads((report / "metrics.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
 
     def counts():
         db = sqlite3.connect(tmp_path / "demo" / ".flywheel" / "catalog.sqlite")

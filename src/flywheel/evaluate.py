@@ -43,6 +43,7 @@ def evaluate(project, cfg: EvaluateConfig | None = None, *, baseline_run: int | 
     """Render both rounds (one loaded base, LoRAs swapped: ``flywheel.models.pool``), judge, measure, report."""
     from flywheel.evaluation.metrics import METRICS, source_face_embeddings
     from flywheel.evaluation.report import write_report
+    from flywheel.evaluation.story import collect_story
     from flywheel.evaluation.stats import paired_bootstrap
     from flywheel.models.pool import stage_pool
     from flywheel.signals.embeddings import ImageEmbedder
@@ -79,7 +80,9 @@ def evaluate(project, cfg: EvaluateConfig | None = None, *, baseline_run: int | 
         primary = _primary(cfg, comparisons, source_faces)
         # 6. Report folder + catalog rows.
         folder = project.workspace / "reports" / f"eval-run{baseline['id']}-vs-run{candidate['id']}"
-        index = write_report(folder, rounds[0], rounds[1], comparisons, primary,
+        story = collect_story(project, baseline, candidate,  # what changed between the rounds, and why
+                              {r.run_id: [im.image_id for im in r.images if im.image_id] for r in rounds})
+        index = write_report(folder, rounds[0], rounds[1], comparisons, primary, story=story,
                              title=f"{project.config.project.name}: round {candidate['round']} vs round {baseline['round']}")
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
         verdict = metrics["verdict"]
