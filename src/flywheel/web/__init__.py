@@ -11,8 +11,12 @@ __all__ = ["create_app", "serve"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name == "create_app":
         from flywheel.web import app
 
-        return getattr(app, name)
+        return app.create_app
+    if name == "serve":
+        from flywheel.web import server
+
+        return server.serve
     raise AttributeError(name)
