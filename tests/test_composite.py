@@ -200,3 +200,38 @@ def test_composite_captions_claim_only_what_the_cpu_editor_renders(book):
         assert text and not any(claim in text for claim in not_rendered), (recipe.id, text)
         assert recipe.caption_for("qwen-image-edit") == recipe.caption  # generative editors do render the prompt
     assert book.recipes["anime"].caption_for("composite") == "posterised cel-shading filter, dark ink outlines"
+
+
+def test_enrich_counts_failed_masks_and_the_judge_rejects_those_edits(project, add_image, astronaut, cat):
+    """Through the stages a user runs: enrich records each mask report as a score, its summary counts the
+    failures, template captions are the composite ones, and the judge rejects only the failed cut-outs."""
+    import json
+
+    from flywheel.config import EnrichConfig
+    from flywheel.enrich import enrich
+    from flywheel.judge import judge
+
+    person, animal = add_image(astronaut), add_image(cat)
+    result = enrich(project, EnrichConfig(backend="composite", recipes=["forest", "sunset", "oil_painting"]))
+    assert len(result.made) == 6 and len(result.mask_failed) == 2
+    assert "2 with a failed subject mask (the judge rejects them)" in result.summary()
+    rows = project.catalog.query(
+        "SELECT i.id, p.parent_id, json_extract(o.params_json, '$.recipe') AS recipe, o.params_json, s.details_json "
+        "FROM images i JOIN image_parents p ON p.image_id = i.id JOIN operations o ON o.id = i.operation_id "
+        "LEFT JOIN scores s ON s.image_id = i.id AND s.scorer = 'mask:mediapipe_selfie' WHERE i.kind = 'enriched'")
+    masks = {(r["parent_id"], r["recipe"]): r["details_json"] and json.loads(r["details_json"]) for r in rows}
+    assert masks[animal, "oil_painting"] is None and masks[person, "oil_painting"] is None  # no mask used
+    assert masks[person, "forest"]["ok"] and masks[person, "sunset"]["ok"]
+    assert not masks[animal, "forest"]["ok"] and not masks[animal, "sunset"]["ok"]
+    assert sorted(result.mask_failed) == sorted(r["id"] for r in rows
+                                                if r["parent_id"] == animal and r["recipe"] != "oil_painting")
+    captions = {r["recipe"]: json.loads(r["params_json"])["caption"] for r in rows}
+    assert captions["forest"] == "in front of an illustrated forest backdrop"
+
+    cfg = project.config.model_copy(deep=True)
+    cfg.models.judge = "none"
+    verdicts = dict((i, (v, why)) for i, v, why in judge(project, cfg).verdicts)
+    for image_id in result.mask_failed:
+        verdict, reason = verdicts[image_id]
+        assert verdict == "rejected" and "edit_applied: subject mask failed: covers 9" in reason
+    assert not any("subject mask failed" in why for i, (_, why) in verdicts.items() if i not in result.mask_failed)

@@ -65,7 +65,7 @@ def assert_complete_and_consistent(project, cfg: EnrichConfig) -> None:
         params = json.loads(r["params_json"])
         assert (r["status"], r["role"], r["parent_id"], r["seed"]) == ("ok", "source", unit.source_id, unit.seed)
         assert params["prompt"] == unit.recipe.full_prompt and params["recipe"] == unit.recipe.id
-        assert params["caption"] == unit.recipe.caption  # template captions read it
+        assert params["caption"] == unit.recipe.caption_for(cfg.backend)  # template captions read it
         assert params["backend"] == cfg.backend and params["composite"]["axis"] == unit.recipe.axis
         assert r["duration_ms"] is not None
 

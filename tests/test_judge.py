@@ -323,3 +323,61 @@ def test_evaluation_images_are_judged_but_never_make_a_training_image_a_duplicat
     judge(project, pixel_only(project))
     v = newest_verdicts(project)
     assert v[eval_img][0] == "accepted" and v[train_img][0] == "accepted"
+
+
+@pytest.fixture(scope="module")
+def seed_pairs():
+    """Real composite edits of a face-less character (scikit-image's cat), two seeds per recipe: seeds only
+    jitter a lighting or filter edit, so each pair is near-identical, as in a real `[enrich] seeds = 2` run."""
+    pytest.importorskip("mediapipe")
+    from PIL import Image
+    from skimage import data
+
+    from flywheel.models.base import EditRequest
+    from flywheel.models.composite import CompositeEditor
+    from flywheel.recipes import load_recipes
+
+    cat = Image.fromarray(data.chelsea())
+    book, editor = load_recipes(), CompositeEditor()
+    edits = {(rid, seed): editor.edit([EditRequest(cat, "", seed=seed, recipe=book.recipes[rid])])[0]
+             for rid in ("overcast", "oil_painting") for seed in (0, 1)}
+    return cat, edits
+
+
+def test_near_identical_seeds_are_duplicates_even_when_everything_needs_review(project, add_image, seed_pairs):
+    cat, edits = seed_pairs
+    src = add_image(cat)
+    ids = {key: add_image(im, "enriched", parent=src, params={"recipe": key[0], "prompt": key[0]})
+           for key, im in edits.items()}
+    assert all(a.tobytes() != b.tobytes() for a, b in [(edits["overcast", 0], edits["overcast", 1]),
+                                                       (edits["oil_painting", 0], edits["oil_painting", 1])])
+    judge(project, pixel_only(project))
+    first = newest_verdicts(project)
+    for rid in ("overcast", "oil_painting"):
+        kept, later = ids[rid, 0], ids[rid, 1]
+        # No face on a cat: nothing is accepted, yet the second seed is still caught, naming the first.
+        assert first[kept][0] == "needs_review" and "no face found" in first[kept][1]
+        assert first[later][0] == "rejected" and failing(first[later][1]) == {"duplicate"}
+        assert f"near-duplicate of image #{kept} " in first[later][1]
+    # Deterministic: another policy re-judges everything to the same duplicates, and adds rows only.
+    judge(project, pixel_only(project, min_sharpness=0.0004))
+    rows = project.catalog.query("SELECT image_id, verdict, reason FROM verdicts ORDER BY id")
+    assert len(rows) == 8
+    assert {r["image_id"]: (r["verdict"], r["reason"]) for r in rows[:4]} == first
+    assert {r["image_id"]: (r["verdict"], r["reason"]) for r in rows[4:]} == first
+
+
+def test_duplicates_across_rounds_and_rejected_images_make_nothing_a_duplicate(project, add_image, planted):
+    add_image(planted["source"])
+    blurred = add_image(planted["blurred"], "synthetic", params={"prompt": "fw_test portrait"}, round_=1)
+    round1 = add_image(planted["good"], "synthetic", params={"prompt": "fw_test portrait"}, round_=1)
+    round2 = add_image(planted["near_dup"], "synthetic", params={"prompt": "fw_test portrait"}, round_=2)
+    judge(project, pixel_only(project))
+    v = newest_verdicts(project)
+    # The blurred image came first but was rejected: it is not in the set, so the sharp one is no duplicate.
+    assert v[blurred][0] == "rejected" and failing(v[blurred][1]) == {"quality"}
+    assert v[round1][0] == "accepted"
+    assert v[round2][0] == "rejected" and f"near-duplicate of image #{round1} " in v[round2][1]
+    nearest = json.loads(project.catalog.query("SELECT details_json FROM scores WHERE image_id = ? AND scorer = "
+                                               "'phash:dct64'", (round2,))[0][0])
+    assert nearest["compared_with"] == 2  # the source and round 1's kept image; never the rejected one

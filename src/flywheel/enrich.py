@@ -12,9 +12,7 @@ are written in one transaction.
 
 from __future__ import annotations
 
-import gc
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from flywheel.models.base import EditRequest, ImageEditor
 from flywheel.progress import ProgressFn, no_progress
 from flywheel.project import Project
 from flywheel.recipes import Recipe, load_recipes
+from flywheel.signals.segmentation import record_mask_report
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,7 @@ class EnrichResult:
     made: list[int] = field(default_factory=list)  # new image ids
     identical: int = 0  # outputs that were already in the catalog (recorded as 'skipped')
     failed: list[tuple[str, str]] = field(default_factory=list)  # (work_key, error)
+    mask_failed: list[int] = field(default_factory=list)  # composite edits on a failed person mask (judge rejects)
 
     def summary(self) -> str:
         parts = [f"{len(self.made)} new", f"{self.already_done} already done"]
@@ -65,6 +65,8 @@ class EnrichResult:
             parts.append(f"{self.identical} identical to an existing image")
         if self.failed:
             parts.append(f"{len(self.failed)} failed (re-run to retry)")
+        if self.mask_failed:
+            parts.append(f"{len(self.mask_failed)} with a failed subject mask (the judge rejects them)")
         return f"enrich ({self.backend}): {self.planned} edits planned; " + ", ".join(parts)
 
 
@@ -97,11 +99,10 @@ def plan(project: Project, cfg: EnrichConfig, editor: str | None = None) -> list
 
 
 def enrich(project: Project, cfg: EnrichConfig | None = None, editor: ImageEditor | None = None,
-           progress: ProgressFn | None = None) -> EnrichResult:
+           progress: ProgressFn | None = None, pool=None) -> EnrichResult:
     """Make every planned edit that is not in the catalog yet. ``editor`` overrides the configured backend's."""
     cfg = cfg or project.config.enrich
     progress = progress or no_progress
-    catalog = project.catalog
     result = EnrichResult(backend=cfg.backend)
 
     # 1. Plan sources x recipes x seeds up front, so progress can say "12/25 edits".
@@ -121,9 +122,26 @@ def enrich(project: Project, cfg: EnrichConfig | None = None, editor: ImageEdito
         log.info("enrich: all %d planned edits already exist", result.planned)
         return result
 
-    # 3. Load the editor once (one big model at a time: it is released before returning).
-    owned = editor is None
-    editor = editor or load_enrich_editor(cfg, project.config.models, base=project.root)
+    # 3. Load the editor once, from the pool (one big model at a time; released before returning unless the
+    #    caller's pool keeps it).
+    from flywheel.models.pool import stage_pool
+
+    with stage_pool(project, pool, STAGE) as models:
+        composite = editor is None and cfg.backend == "composite"  # not a pooled model: closed here
+        editor = editor or load_enrich_editor(cfg, project.config.models, models, base=project.root)
+        try:
+            _edit_all(project, cfg, editor, units, todo, batches, done, result, progress)
+        finally:
+            if composite:
+                editor.close()
+    log.info("%s", result.summary())
+    return result
+
+
+def _edit_all(project: Project, cfg: EnrichConfig, editor: ImageEditor, units, todo, batches, done,
+              result: EnrichResult, progress: ProgressFn) -> None:
+    """Steps 3-4 of ``enrich``: references, then the batches, each unit recorded before and after its edit."""
+    catalog = project.catalog
     n_refs = min(cfg.references, getattr(editor, "max_references", cfg.references))
     if cfg.backend not in TAKES_REFERENCES:
         n_refs = 0
@@ -136,55 +154,48 @@ def enrich(project: Project, cfg: EnrichConfig | None = None, editor: ImageEdito
         return images[image_id]
 
     # 4. Run in batches; each unit's operation row is written before the call and finished with its image.
-    try:
-        with catalog.operation(STAGE, kind="stage_run", model=editor.model_id, params={
-            "backend": cfg.backend, "planned": result.planned, "todo": len(todo), "recipes": cfg.recipes,
-            "seeds": cfg.seeds, "batch_size": cfg.batch_size, "references": n_refs,
-        }) as run_id:
-            finished = result.already_done
-            for batch in batches:
-                missing = [u for u in batch if u.work_key not in done]
-                refs = {u.work_key: [i for i in sources if i != u.source_id][:n_refs] for u in batch}
-                ops = [_start_unit(project, u, editor, cfg, run_id, refs[u.work_key], len(batch)) for u in missing]
-                requests = [EditRequest(image=load(u.source_id), prompt=u.recipe.full_prompt, seed=u.seed,
-                                        references=[load(i) for i in refs[u.work_key]], recipe=u.recipe) for u in batch]
-                t0 = time.perf_counter()
-                try:
-                    outputs = editor.edit(requests)
-                    if len(outputs) != len(batch):
-                        raise ModelOutputError(f"the editor returned {len(outputs)} images for {len(batch)} requests")
-                except ModelOutputError as err:  # this batch's inputs are unusable: record, go on
-                    _fail(project, ops, t0, err)
-                    result.failed.extend((u.work_key, str(err).split("\n")[0]) for u in missing)
-                    log.warning("enrich: %d edit(s) failed: %s", len(missing), str(err).split("\n")[0])
-                    continue
-                except BaseException as err:  # anything else stops the run; a re-run redoes these units
-                    _fail(project, ops, t0, err)
-                    raise
-                ms = int((time.perf_counter() - t0) * 1000 / len(batch))
-                by_key = {u.work_key: out for u, out in zip(batch, outputs)}
-                for unit, op_id in zip(missing, ops):
-                    _record(project, unit, op_id, by_key[unit.work_key], refs[unit.work_key], ms, result)
-                finished += len(missing)
-                progress(finished, result.planned, f"edits ({batch[-1].recipe.id})")
-    finally:
-        # 5. Free the model (GPU memory) before the next stage loads its own.
-        if owned:
-            if hasattr(editor, "close"):
-                editor.close()
-            editor = None
-            _free_accelerator_memory()
-    log.info("%s", result.summary())
-    return result
+    with catalog.operation(STAGE, kind="stage_run", model=editor.model_id, params={
+        "backend": cfg.backend, "planned": result.planned, "todo": len(todo), "recipes": cfg.recipes,
+        "seeds": cfg.seeds, "batch_size": cfg.batch_size, "references": n_refs,
+    }) as run_id:
+        finished = result.already_done
+        for batch in batches:
+            missing = [u for u in batch if u.work_key not in done]
+            refs = {u.work_key: [i for i in sources if i != u.source_id][:n_refs] for u in batch}
+            ops = [_start_unit(project, u, editor, cfg, run_id, refs[u.work_key], len(batch)) for u in missing]
+            requests = [EditRequest(image=load(u.source_id), prompt=u.recipe.full_prompt, seed=u.seed,
+                                    references=[load(i) for i in refs[u.work_key]], recipe=u.recipe) for u in batch]
+            t0 = time.perf_counter()
+            try:
+                outputs = editor.edit(requests)
+                if len(outputs) != len(batch):
+                    raise ModelOutputError(f"the editor returned {len(outputs)} images for {len(batch)} requests")
+            except ModelOutputError as err:  # this batch's inputs are unusable: record, go on
+                _fail(project, ops, t0, err)
+                result.failed.extend((u.work_key, str(err).split("\n")[0]) for u in missing)
+                log.warning("enrich: %d edit(s) failed: %s", len(missing), str(err).split("\n")[0])
+                continue
+            except BaseException as err:  # anything else stops the run; a re-run redoes these units
+                _fail(project, ops, t0, err)
+                raise
+            ms = int((time.perf_counter() - t0) * 1000 / len(batch))
+            by_key = {u.work_key: out for u, out in zip(batch, outputs)}
+            for unit, op_id in zip(missing, ops):
+                _record(project, unit, op_id, by_key[unit.work_key], refs[unit.work_key], ms, result)
+            finished += len(missing)
+            progress(finished, result.planned, f"edits ({batch[-1].recipe.id})")
 
 
-def load_enrich_editor(cfg: EnrichConfig, models: ModelsConfig, base: Path | None = None) -> ImageEditor:
+def load_enrich_editor(cfg: EnrichConfig, models: ModelsConfig, pool=None, base: Path | None = None) -> ImageEditor:
     """The composite editor, or [models] editor for a generative backend (checked against the backend),
-    with [enrich]'s editor settings on top of the preset's (LoRA paths relative to ``base``, the project)."""
+    loaded through ``pool`` when given (``flywheel.models.pool``), with [enrich]'s editor settings on top of
+    the preset's (LoRA paths relative to ``base``, the project folder)."""
     if cfg.backend == "composite":
         from flywheel.models.composite import CompositeEditor
 
         return CompositeEditor()
+    if pool is not None:
+        return pool.editor(editor_spec(cfg, models), **editor_settings(cfg, base))
     from flywheel.models import load_editor
 
     return load_editor(editor_spec(cfg, models), models, **editor_settings(cfg, base))
@@ -205,13 +216,6 @@ def editor_spec(cfg: EnrichConfig, models: ModelsConfig) -> str:
             )
         spec = BACKEND_PRESET[cfg.backend]  # the default editor was never chosen: use the backend's default
     return spec
-
-
-def _free_accelerator_memory() -> None:
-    gc.collect()
-    torch = sys.modules.get("torch")  # only if a model loaded it: the composite path never imports torch
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _done_keys(project: Project, keys: list[str]) -> set[str]:
@@ -235,8 +239,8 @@ def _start_unit(project: Project, unit: EditUnit, editor: ImageEditor, cfg: Enri
         "backend": cfg.backend, "source_image_id": unit.source_id, "reference_image_ids": refs,
         "batch_size": batch_size, "editor": editor.params(),
     }
-    if unit.recipe.caption:  # read by template captions (flywheel.caption)
-        params["caption"] = unit.recipe.caption
+    if unit.recipe.caption_for(cfg.backend):  # read by template captions (flywheel.caption)
+        params["caption"] = unit.recipe.caption_for(cfg.backend)  # the composite editor's own, if it has one
     final_prompt = getattr(editor, "pipeline_prompt", None)  # e.g. Qwen's "Picture 1" wording with references
     if callable(final_prompt) and final_prompt(unit.recipe.full_prompt, len(refs)) != unit.recipe.full_prompt:
         params["pipeline_prompt"] = final_prompt(unit.recipe.full_prompt, len(refs))
@@ -272,5 +276,7 @@ def _record(project: Project, unit: EditUnit, op_id: int, out: Image.Image, refs
         catalog.insert("image_parents", {"image_id": image_id, "parent_id": unit.source_id, "role": "source"})
         for ref in refs:
             catalog.insert("image_parents", {"image_id": image_id, "parent_id": ref, "role": "reference"})
+        if record_mask_report(catalog, image_id, out, op_id) is False:  # the composite editor's person mask
+            result.mask_failed.append(image_id)
         catalog.finish_operation(op_id, "ok", ms, output_image_id=image_id)
     result.made.append(image_id)

@@ -43,8 +43,8 @@ def evaluate(project, cfg: EvaluateConfig | None = None, *, baseline_run: int | 
     """Render both rounds (one loaded base, LoRAs swapped: ``flywheel.models.pool``), judge, measure, report."""
     from flywheel.evaluation.metrics import METRICS, source_face_embeddings
     from flywheel.evaluation.report import write_report
-    from flywheel.evaluation.story import collect_story
     from flywheel.evaluation.stats import paired_bootstrap
+    from flywheel.evaluation.story import collect_story
     from flywheel.models.pool import stage_pool
     from flywheel.signals.embeddings import ImageEmbedder
 

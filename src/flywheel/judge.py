@@ -9,7 +9,8 @@ its numbers. Sources are the reference set and are never judged. Criteria and sc
   DINOv2 / CLIP image-embedding cosine to the closest source (``embedding:dino:<model>`` or ``clip_i:``);
 - edit_applied: share of pixels changed vs the parent (``pixels:change``) and the VLM's P("edit applied");
 - quality: sharpness and noise (``pixels:sharpness``, ``pixels:noise``) and the VLM's P("artifacts");
-- duplicate: perceptual-hash distance to the sources and accepted images (``phash:dct64``);
+- duplicate: perceptual-hash distance to the sources and every earlier candidate (``phash:dct64``), confirmed
+  by pixel change; of two near-identical images the later id is the duplicate;
 - a structured VLM verdict (JSON with reasons, ``vlm_verdict:<model>``): its output is data, never obeyed.
 - keep: with a ``flywheel tune-judge`` adapter, its P(keep) on the question it learned from human reviews
   (``vlm_pairwise:<model>+<adapter>``; docs/tune_judge.md).
@@ -26,7 +27,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from flywheel.catalog.queries import EFFECTIVE_DECISION
 from flywheel.config import Config, JudgeConfig
 from flywheel.errors import ModelOutputError, StageError
 from flywheel.judge_policy import ImageScores, decide, parse_verdict
@@ -94,28 +94,25 @@ def _judge_adapter(project: Project, config: Config, spec: str, vlm: VisionLangu
     return adapters.resolve(project, choice, spec)
 
 
-def _load_judge_vlm(config: Config) -> VisionLanguageModel | None:
+def _load_judge_vlm(config: Config, pool) -> VisionLanguageModel | None:
     if config.models.judge == "none":
         return None
-    from flywheel.models import load_vlm
-
-    return load_vlm(config.models.judge, config.models)
+    return pool.vlm(config.models.judge)  # the captioner's VLM when both name the same model
 
 
 def judge(project: Project, cfg: Config | None = None, vlm: VisionLanguageModel | None = None,
-          progress: ProgressFn | None = None, judge_adapter: str | None = None) -> JudgeResult:
+          progress: ProgressFn | None = None, judge_adapter: str | None = None, pool=None) -> JudgeResult:
     """Judge every enriched/synthetic image without a verdict under the current policy.
 
     ``judge_adapter``: a ``tune-judge`` LoRA folder, ``"active"`` or ``"none"``; by default the active
     adapter of the judge model when ``[tune_judge] use_active_adapter`` (docs/tune_judge.md).
     """
-    from flywheel.judge_signals import PixelScorer
+    from flywheel.models.pool import stage_pool
 
     config = cfg or project.config
     jcfg = config.judge
     progress = progress or no_progress
     catalog = project.catalog
-    store = project.store
 
     # 1. Plan: which images lack a verdict under this policy (thresholds + judge model).
     if not catalog.query("SELECT 1 FROM images WHERE kind IN ('enriched', 'synthetic') LIMIT 1"):
@@ -131,8 +128,25 @@ def judge(project: Project, cfg: Config | None = None, vlm: VisionLanguageModel 
     if not todo:
         log.info("judge: every image already has a verdict under policy %s", fingerprint)
         return result
-    if vlm is None:
-        vlm = _load_judge_vlm(config)  # only now: loading a VLM to find nothing to do wastes minutes
+    with stage_pool(project, pool, "judge") as models:
+        pooled = vlm is None
+        if pooled:
+            vlm = _load_judge_vlm(config, models)  # only now: loading a VLM to find nothing to do wastes minutes
+        try:
+            return _judge(project, config, vlm, adapter, todo, fingerprint, result, progress)
+        finally:
+            if pooled and adapter is not None:
+                models.release()  # the shared VLM now carries the tuned judge's LoRA: the captioner must not get it
+
+
+def _judge(project: Project, config: Config, vlm, adapter, todo, fingerprint, result, progress) -> JudgeResult:
+    """Steps 2-4 of ``judge`` for the images in ``todo``, with the loaded ``vlm`` (or none)."""
+    from flywheel.judge_signals import PixelScorer
+    from flywheel.signals.duplicates import HashPool
+
+    jcfg = config.judge
+    catalog = project.catalog
+    store = project.store
     if adapter is not None and vlm is not None:
         adapters.attach(vlm, adapter)  # model_id becomes <base>+<adapter id>: every score names the tuned judge
     vlm_id = vlm.model_id if vlm else None
@@ -144,11 +158,14 @@ def judge(project: Project, cfg: Config | None = None, vlm: VisionLanguageModel 
                   "signals": "pixels + VLM" if vlm else "pixel signals only (no VLM configured)"}
     with catalog.operation("judge", kind="stage_run", model=vlm_id, params=run_params) as run_id:
         pixels = PixelScorer(project, jcfg, run_id)
-        # Near-duplicates are checked against the sources and every accepted training image (this run's too);
-        # evaluation images are measured, never part of the set, so they make nothing a duplicate.
-        pool = {r["id"]: (int(r["phash"], 16), r["sha256"]) for r in catalog.query(
-            "SELECT i.id, i.phash, i.sha256 FROM images i "
-            f"WHERE i.kind = 'source' OR (i.purpose = 'train' AND {EFFECTIVE_DECISION} = 'accepted')")}
+        # Near-duplicates: each image against the sources and every earlier training candidate (smaller id)
+        # this policy did not reject, needing review or not (signals.duplicates). Images are judged in id
+        # order, so those verdicts are known; evaluation images are never in the set, so never in the pool.
+        earlier = HashPool.from_rows(catalog.query(
+            "SELECT id, phash, sha256, kind FROM images WHERE kind = 'source' OR purpose = 'train'"))
+        for row in catalog.query("SELECT image_id FROM verdicts WHERE verdict = 'rejected' AND "
+                                 "json_extract(policy_json, '$.fingerprint') = ?", (fingerprint,)):
+            earlier.drop(row["image_id"])
         progress(0, len(todo), "judged")
         for start in range(0, len(todo), jcfg.batch_size):
             batch = todo[start:start + jcfg.batch_size]
@@ -159,16 +176,15 @@ def judge(project: Project, cfg: Config | None = None, vlm: VisionLanguageModel 
             if vlm is not None:
                 _vlm_scores(project, vlm, jcfg, batch, images, scores, pixels, run_id)
             # 4. Duplicates, then policy -> verdict rows (new rows; earlier verdicts are never touched).
-            #    One image at a time: an image accepted a moment ago counts for the next one's duplicate check.
             with catalog.transaction():
                 for r in batch:
-                    pixels.duplicate(r, images[r["id"]], pool, scores[r["id"]])
+                    pixels.duplicate(r, images[r["id"]], earlier, scores[r["id"]])
                     verdict, reason = decide(scores[r["id"]], jcfg, has_vlm=vlm is not None, kind=r["kind"])
                     catalog.insert("verdicts", {"image_id": r["id"], "verdict": verdict, "reason": reason,
                                                 "policy_json": policy_json, "operation_id": run_id})
                     result.verdicts.append((r["id"], verdict, reason))
-                    if verdict == "accepted" and r["purpose"] == "train":
-                        pool[r["id"]] = (int(r["phash"], 16), r["sha256"])
+                    if verdict == "rejected":
+                        earlier.drop(r["id"])
             progress(min(start + len(batch), len(todo)), len(todo), "judged")
     log.info("judge: %d accepted, %d rejected, %d need review (policy %s)", result.count("accepted"),
              result.count("rejected"), result.count("needs_review"), fingerprint)

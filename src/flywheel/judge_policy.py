@@ -32,6 +32,8 @@ class ImageScores:
     image_similarity: float | None = None  # whole-image embedding cosine to the closest source (optional)
     image_similarity_source_id: int | None = None
     changed_fraction: float | None = None  # None: no parent to compare with (synthetic)
+    mask_coverage: float | None = None  # composite edits cut out with a person mask: its share of the frame
+    mask_problem: str | None = None  # why that mask cannot be trusted ("subject mask failed: ...")
     edit_prob: float | None = None
     sharpness: float | None = None
     noise_sigma: float | None = None
@@ -104,6 +106,9 @@ def _checks(s: ImageScores, c: JudgeConfig, *, has_vlm: bool, kind: str) -> list
               f"edit_applied: only {f:.1%} of pixels changed vs the parent (< {c.min_changed_fraction:.0%})")
     elif kind == "enriched":
         out.append(("unknown", "edit_applied: no parent image to compare with"))
+    if s.mask_coverage is not None:  # a cut-out on a failed mask is not the edit, whatever else it shows
+        check(s.mask_problem is None, f"subject mask {s.mask_coverage:.0%} of the frame",
+              f"edit_applied: {s.mask_problem}")
     if s.edit_prob is not None:
         check(s.edit_prob >= c.min_edit_prob, f"edit: P(applied) {s.edit_prob:.2f}",
               f"edit_applied: VLM P(edit applied) {s.edit_prob:.2f} < {c.min_edit_prob}")

@@ -17,6 +17,7 @@ from PIL import Image
 from flywheel.config import JudgeConfig
 from flywheel.judge_policy import ImageScores
 from flywheel.project import Project
+from flywheel.signals.duplicates import HashPool
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,15 @@ class PixelScorer:
         self.record(image_id, "identity", f"embedding:{self.embedder.name}", s.image_similarity,
                     {"closest_source_id": s.image_similarity_source_id, "min": self.jcfg.min_image_similarity}, op)
 
+    def _mask_report(self, image_id: int, s: ImageScores) -> None:
+        """The composite editor's person-mask report, recorded by enrich (``signals.segmentation``)."""
+        from flywheel.signals.segmentation import SCORER
+
+        row = self.project.catalog.query("SELECT value, details_json FROM scores WHERE image_id = ? AND scorer = ? "
+                                         "ORDER BY id DESC LIMIT 1", (image_id, SCORER))
+        if row and row[0]["value"] is not None:
+            s.mask_coverage, s.mask_problem = row[0]["value"], json.loads(row[0]["details_json"]).get("problem")
+
     # -- everything for one image -------------------------------------------------------------------
     def score(self, row: dict[str, Any], image: Image.Image) -> ImageScores:
         from flywheel.signals.change import measure_change
@@ -155,6 +165,7 @@ class PixelScorer:
             s.changed_fraction = change.changed_fraction
             self.record(image_id, "edit_applied", "pixels:change", change.changed_fraction,
                         {**change.as_dict(), "parent_id": row["parent_id"], "min": self.jcfg.min_changed_fraction})
+        self._mask_report(image_id, s)
         q = measure_quality(image)
         s.sharpness, s.noise_sigma = q.sharpness, q.noise_sigma
         self.record(image_id, "quality", "pixels:sharpness", q.sharpness,
@@ -162,27 +173,25 @@ class PixelScorer:
         self.record(image_id, "quality", "pixels:noise", q.noise_sigma, {"max": self.jcfg.max_noise_sigma})
         return s
 
-    def duplicate(self, row: dict[str, Any], image: Image.Image, pool: dict[int, tuple[int, str]],
-                  s: ImageScores) -> None:
-        """Nearest image by perceptual hash among ``pool`` (id -> (phash, sha)), confirmed by pixel change."""
-        from flywheel.images import hamming
+    def duplicate(self, row: dict[str, Any], image: Image.Image, pool: HashPool, s: ImageScores) -> None:
+        """Nearest earlier image by perceptual hash (``signals.duplicates``), confirmed by pixel change."""
         from flywheel.signals.change import measure_change
 
-        mine = int(row["phash"], 16)
-        others = sorted((hamming(mine, ph), k, sha) for k, (ph, sha) in pool.items()
-                        if k not in (row["id"], row["parent_id"]))  # the parent is edit_applied's business
         limit = self.jcfg.near_duplicate_distance
-        near = [(d, k, sha) for d, k, sha in others if d <= limit][:5]
-        if others:
-            s.dup_distance, s.dup_of = others[0][0], others[0][1]
+        # The parent is edit_applied's business: an unchanged edit is "not applied", not a duplicate.
+        compared, nearest = pool.nearest(row["id"], int(row["phash"], 16), exclude=(row["parent_id"],))
+        if nearest:
+            s.dup_distance, s.dup_of = nearest[0][0], nearest[0][1]
         self.record(row["id"], "duplicate", "phash:dct64", s.dup_distance,
-                    {"nearest_image_id": s.dup_of, "compared_with": len(others), "max_distance": limit})
+                    {"nearest_image_id": s.dup_of, "compared_with": compared, "max_distance": limit,
+                     "pool": "sources and earlier training candidates (smaller id) not rejected"})
+        near = [(d, k, sha) for d, k, sha in nearest if d <= limit]
         if not near:
             return
-        # Same layout by hash; only near-identical pixels make it a duplicate.
+        # Same layout by hash; only near-identical pixels make it a duplicate. Ties go to the earlier image.
         changes = [(measure_change(self.project.store.open_image(sha), image).changed_fraction, d, k)
                    for d, k, sha in near]
-        s.dup_change, s.dup_distance, s.dup_of = min(changes)
+        s.dup_change, s.dup_distance, s.dup_of = min(changes, key=lambda t: (t[0], t[2]))
         self.record(row["id"], "duplicate", "pixels:change", s.dup_change,
                     {"image_id": s.dup_of, "phash_distance": s.dup_distance,
                      "max": self.jcfg.near_duplicate_max_change})

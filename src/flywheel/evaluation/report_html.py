@@ -36,7 +36,8 @@ def page(title, baseline, candidate, comparisons, primary, verdict, plots, notes
     parts = [f"<h1>{e(title)}</h1>", _headline(baseline, candidate, comparisons, primary, verdict)]
     if story is not None:
         parts.append("<h2>What changed</h2>" + "".join(f"<p class='changed'>{e(s)}</p>" for s in story.sentences()))
-    parts += [_bar(baseline, candidate, comparisons), "<h2>Metrics</h2>", _metrics_table(baseline, candidate, comparisons)]
+    parts += [_bar(baseline, candidate, comparisons), "<h2>Metrics</h2>",
+              _metrics_table(baseline, candidate, comparisons)]
     parts += [f"<img src='{p}' alt='{p}'>" for p in plots]
     if notes:
         parts.append("<ul class='note'>" + "".join(f"<li><b>{e(METRICS[m][1])}</b>: {e(t)}</li>"

@@ -182,7 +182,7 @@ class CompositeEditor:
         if spec.rim is not None and spec.rim_strength > 0:
             alpha, quality = self.measured_mask(rgb)
             if not quality.ok:  # a rim along a wrong edge is worse than none; the report says it is missing
-                log.warning("composite: the rim light is left out of this lighting edit (%s)", quality.problem)
+                log.info("composite: the rim light is left out of this lighting edit (%s)", quality.problem)
             else:
                 out = _screen(out, _rim(alpha, spec.rim_angle, 7 * s)[..., None] * spec.rim_strength
                               * (np.array(spec.rim, np.float32) / 255))

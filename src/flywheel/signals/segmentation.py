@@ -47,6 +47,8 @@ def selfie_segmenter(model_selection: int = 0):
     return segmenter
 
 
+SCORER = "mask:mediapipe_selfie"  # the score row an edit's mask report becomes (criterion edit_applied)
+
 # A person cut-out that can be trusted: covers a sensible share of the frame, mostly with confident pixels,
 # in one piece. Thresholds sit between the people and the non-people in the table above.
 MIN_COVERAGE = 0.03
@@ -126,3 +128,20 @@ def native_output_silenced() -> Iterator[None]:
         for fd, copy in saved.items():
             os.dup2(copy, fd)
             os.close(copy)
+
+
+def record_mask_report(catalog, image_id: int, image, op_id: int) -> bool | None:
+    """Store the composite editor's mask report (``image.info["subject_mask"]``) as a score row.
+
+    Returns whether the mask was usable (None: the edit did not use a mask). The judge reads the row and
+    rejects an edit whose mask failed; the score itself decides nothing.
+    """
+    import json
+
+    report = getattr(image, "info", {}).get("subject_mask")
+    if not report:
+        return None
+    catalog.insert("scores", {"image_id": image_id, "criterion": "edit_applied", "scorer": SCORER,
+                              "value": report["coverage"], "details_json": json.dumps(report, sort_keys=True),
+                              "operation_id": op_id})
+    return bool(report["ok"])
