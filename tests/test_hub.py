@@ -18,8 +18,21 @@ from flywheel.models.hub import (
     weight_files,
 )
 
-# The real file lists (huggingface.co, 2025) of black-forest-labs/FLUX.1-dev and Qwen/Qwen2-VL-2B-Instruct.
-FLUX_DEV_FILES = [".gitattributes", "LICENSE.md", "README.md", "ae.safetensors", "dev_grid.jpg", "flux1-dev.safetensors", "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder_2/config.json", "text_encoder_2/model-00001-of-00002.safetensors", "text_encoder_2/model-00002-of-00002.safetensors", "text_encoder_2/model.safetensors.index.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "tokenizer_2/special_tokens_map.json", "tokenizer_2/spiece.model", "tokenizer_2/tokenizer.json", "tokenizer_2/tokenizer_config.json", "transformer/config.json", "transformer/diffusion_pytorch_model-00001-of-00003.safetensors", "transformer/diffusion_pytorch_model-00002-of-00003.safetensors", "transformer/diffusion_pytorch_model-00003-of-00003.safetensors", "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+# The file lists of the hub repos black-forest-labs/FLUX.1-dev and Qwen/Qwen2-VL-2B-Instruct.
+FLUX_DEV_FILES = [
+    ".gitattributes", "LICENSE.md", "README.md", "ae.safetensors", "dev_grid.jpg", "flux1-dev.safetensors",
+    "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+    "text_encoder/model.safetensors", "text_encoder_2/config.json",
+    "text_encoder_2/model-00001-of-00002.safetensors", "text_encoder_2/model-00002-of-00002.safetensors",
+    "text_encoder_2/model.safetensors.index.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "tokenizer_2/special_tokens_map.json",
+    "tokenizer_2/spiece.model", "tokenizer_2/tokenizer.json", "tokenizer_2/tokenizer_config.json",
+    "transformer/config.json", "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model-00002-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model-00003-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
 FLUX_DEV_MODEL_INDEX = {
     "_class_name": "FluxPipeline", "_diffusers_version": "0.30.0.dev0",
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
@@ -27,7 +40,12 @@ FLUX_DEV_MODEL_INDEX = {
     "tokenizer_2": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "FluxTransformer2DModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
-QWEN2_VL_FILES = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json", "preprocessor_config.json", "chat_template.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "LICENSE", "README.md"]
+QWEN2_VL_FILES = [
+    "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors", "model.safetensors.index.json", "preprocessor_config.json",
+    "chat_template.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "LICENSE",
+    "README.md",
+]
 NOT_LOADED = {".gitattributes", "LICENSE.md", "README.md", "ae.safetensors", "dev_grid.jpg", "flux1-dev.safetensors"}
 
 

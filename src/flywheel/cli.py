@@ -378,7 +378,10 @@ def review(ctx: click.Context, host: str, port: int, token: str | None, reviewer
 
 
 @main.command()
-@click.option("--resume", "resume", is_flag=True, help="Continue the newest unfinished run from its last checkpoint.")
+@click.option("--resume", "resume", is_flag=True,
+              help="Continue the newest unfinished run from its last checkpoint; if [train], the base model or the "
+              "dataset changed since it stopped, set it aside and start a new run instead.")
+@click.option("--restart", is_flag=True, help="Set every unfinished run aside and start a new run.")
 @click.option("--run", "run_id", type=int, default=None, help="With --resume: the run id to continue.")
 @click.option("--dataset", "dataset_version", type=int, default=None,
               help="Train on this frozen dataset version (default: freeze a new one for the next round).")
@@ -386,15 +389,17 @@ def review(ctx: click.Context, host: str, port: int, token: str | None, reviewer
 @click.option("--force", is_flag=True,
               help="Train even when the set has uncaptioned, unjudged or unreviewed images, or no edits yet.")
 @click.pass_context
-def train(ctx: click.Context, resume: bool, run_id: int | None, dataset_version: int | None, steps: int | None,
-          force: bool) -> None:
+def train(ctx: click.Context, resume: bool, restart: bool, run_id: int | None, dataset_version: int | None,
+          steps: int | None, force: bool) -> None:
     """Train a FLUX.1 LoRA on accepted images + captions (sources always in); resumable."""
     from flywheel.train import train as run_train
 
+    if resume and restart:
+        raise click.UsageError("--resume continues a run and --restart starts a new one: pick one")
     with _open(ctx) as project, rich_progress("train") as progress:
         cfg = project.config.train if steps is None else project.config.train.model_copy(update={"steps": steps})
         result = run_train(project, cfg, dataset_version=dataset_version, resume=(run_id or True) if resume else False,
-                           progress=progress, force=force)
+                           restart=restart, progress=progress, force=force)
     click.echo(f"run {result.run_id} (dataset v{result.dataset_version}): final loss {result.losses[-1]:.4f}")
     click.echo(f"  LoRA (diffusers): {result.lora_path}\n  LoRA (kohya/ComfyUI): {result.kohya_path}")
 

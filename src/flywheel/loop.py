@@ -172,8 +172,9 @@ def _train_round(project: Project, k: int, hooks: StageHooks, progress: Progress
     runs = cat.query("SELECT id, status FROM lora_runs WHERE round = ? ORDER BY id DESC", (k,))
     if runs and runs[0]["status"] == "ok":
         return
-    if runs:  # killed or failed mid-run: continue it from its last checkpoint, same run id
-        train(project, resume=runs[0]["id"], device=hooks.device, progress=progress)
+    if runs:  # killed or failed mid-run: continue it from its last checkpoint, same run id; or, when [train],
+        # the base model or the dataset changed since it stopped, set it aside and train a new run (it says so)
+        train(project, project.config.train, resume=runs[0]["id"], device=hooks.device, progress=progress)
         return
     existing = cat.query("SELECT version FROM dataset_versions WHERE round = ? ORDER BY version DESC LIMIT 1", (k,))
     version = existing[0]["version"] if existing else freeze_dataset(project, k).version

@@ -57,19 +57,27 @@ class EtaColumn(ProgressColumn):
 def rich_progress(description: str, console: Console | None = None, *,
                   get_time: Callable[[], float] | None = None) -> Iterator:
     """A ``ProgressFn`` backed by a rich bar: ``enrich ━━━━━ 12/25 7.5 s/it ETA 1:38 0:01:30 edits``."""
-    with Progress(
+    bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), EtaColumn(),
         TimeElapsedColumn(), TextColumn("{task.fields[label]}"), console=console or Console(highlight=False),
         transient=False, get_time=get_time,
-    ) as bar:
-        task = bar.add_task(description, total=None, label="", start_done=0, start_time=bar.get_time())
-        last = {"done": 0, "total": None}
+    )
+    state: dict = {"task": None, "done": 0, "total": None}
 
-        def update(done: int, total: int, label: str = "") -> None:
-            if done < last["done"] or total != last["total"]:  # a new count (next stage): rate and ETA start over
-                bar.reset(task, total=total, completed=done, label=label, start_done=done, start_time=bar.get_time())
-            else:
-                bar.update(task, completed=done, total=total, label=label)
-            last.update(done=done, total=total)
+    def update(done: int, total: int, label: str = "") -> None:
+        if state["task"] is None:  # shown from the first report on: a stage that fails while planning prints no bar
+            bar.start()
+            state["task"] = bar.add_task(description, total=total, completed=done, label=label, start_done=done,
+                                         start_time=bar.get_time())
+        elif done < state["done"] or total != state["total"]:  # a new count (next stage): rate and ETA start over
+            bar.reset(state["task"], total=total, completed=done, label=label, start_done=done,
+                      start_time=bar.get_time())
+        else:
+            bar.update(state["task"], completed=done, total=total, label=label)
+        state.update(done=done, total=total)
 
+    try:
         yield update
+    finally:
+        if state["task"] is not None:
+            bar.stop()

@@ -42,26 +42,41 @@ class TrainResult:
 
 
 def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | None = None, resume: int | bool = False,
-          device: str | None = None, progress: ProgressFn | None = None, force: bool = False) -> TrainResult:
-    """Train (or, with ``resume``, continue) a LoRA run. ``resume=True`` picks the newest unfinished run.
+          restart: bool = False, device: str | None = None, progress: ProgressFn | None = None,
+          force: bool = False) -> TrainResult:
+    """Train (or, with ``resume``, continue) a LoRA run. ``resume=True`` picks the newest unfinished run; given
+    a ``cfg`` (today's [train]) that differs from the run's own, or another base or dataset, that run is set
+    aside and a new one starts (``flywheel.training.runs``). ``restart`` sets every unfinished run aside and
+    starts a new one; without either, an unfinished run is a clear error rather than a second run.
     A set with uncaptioned, unjudged or unreviewed images, or no edits yet, is refused unless ``force``."""
+    from flywheel.models.hub import check_cpu_for
+    from flywheel.training import runs
+
     progress = progress or no_progress
     cat = project.catalog
-    # 1. Plan: the run (new, or the unfinished one to resume), its frozen dataset and folder.
-    if resume:
-        run = _unfinished_run(cat, None if resume is True else int(resume))
-        cfg = TrainConfig.model_validate(json.loads(run["config_json"]))  # the run's own settings, not today's
-        ds = load_dataset(project, cat.query("SELECT version FROM dataset_versions WHERE id = ?",
-                                             (run["dataset_id"],))[0]["version"])
+    # 1. Plan: the run (the unfinished one to continue, or a new one), its frozen dataset and folder.
+    def base_of(c: TrainConfig) -> str:
+        return base_model_folder(c, project.config.models.base)
+
+    planned = runs.plan(project, cfg, resume=resume, restart=restart, dataset_version=dataset_version, base_of=base_of)
+    resuming = planned.run is not None
+    spec = planned.run["base_model"] if resuming else ((cfg or project.config.train).base_model
+                                                       or project.config.models.base)
+    check_cpu_for(spec, "text_to_image", device or project.config.models.for_role("base")["device"])  # no GPU: say so
+    if resuming:
+        run = planned.run
+        cfg = TrainConfig.model_validate(json.loads(run["config_json"]))  # the run's own settings
+        ds = load_dataset(project, planned.dataset_version)
         run_id, base = run["id"], run["base_model"]
         _check_runnable(cfg, base_load(project, cfg, device))
     else:
         cfg = cfg or project.config.train
         _check_runnable(cfg, base_load(project, cfg, device))  # before the run is recorded and minutes of loading
-        if not force:  # before a version is frozen: a refusal writes nothing
-            ensure_trainable(project, _next_round(cat), dataset_version)
-        base = base_model_folder(cfg, project.config.models.base)
-        ds = load_dataset(project, dataset_version) if dataset_version else freeze_dataset(project, _next_round(cat))
+        if not (force or planned.same_set):  # before a version is frozen: a refusal writes nothing
+            ensure_trainable(project, _next_round(cat), planned.dataset_version)
+        base = planned.base or base_of(cfg)
+        version = planned.dataset_version
+        ds = load_dataset(project, version) if version else freeze_dataset(project, _next_round(cat))
         with cat.transaction():
             op = cat.start_operation("train", kind="stage_run", model=base, params=cfg.model_dump(),
                                      seed=cfg.seed)
@@ -70,13 +85,15 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
                 "config_json": json.dumps(cfg.model_dump()), "output_dir": f"runs/run-{0:04d}",
             })
             cat.execute("UPDATE lora_runs SET output_dir = ? WHERE id = ?", (f"runs/run-{run_id:04d}", run_id))
+            runs.supersede(cat, planned.set_aside, by=run_id, reason=planned.why)
+        runs.announce(planned, run_id)
     run_dir = project.workspace / "runs" / f"run-{run_id:04d}"
     run_dir.mkdir(parents=True, exist_ok=True)
     trigger = project.config.project.trigger
     try:
         with cat.operation("train", kind="model_call", model=base, seed=cfg.seed,
-                           params={"lora_run_id": run_id, "resume": bool(resume), "dataset_version": ds.version}):
-            losses = _run(project, cfg, ds, base, run_id, run_dir, trigger, device, progress, resume=bool(resume))
+                           params={"lora_run_id": run_id, "resume": resuming, "dataset_version": ds.version}):
+            losses = _run(project, cfg, ds, base, run_id, run_dir, trigger, device, progress, resume=resuming)
     except BaseException:
         with cat.transaction():
             cat.execute("UPDATE lora_runs SET status = 'failed' WHERE id = ?", (run_id,))
@@ -200,8 +217,10 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
         losses.append({"step": step, "loss": float(loss), "lr": lr, "epoch": data["epoch"]})  # float(): waits for the GPU
         t_steps += time.perf_counter() - t0
         if not math.isfinite(losses[-1]["loss"]):
-            raise StageError(f"loss became {losses[-1]['loss']} at step {step}",
-                             hint="lower train.learning_rate, or resume from the last checkpoint")
+            raise StageError(f"run {run_id} stopped: the loss became {losses[-1]['loss']} at step {step} of {cfg.steps} "
+                             f"(learning_rate {cfg.learning_rate:g})",
+                             hint="lower learning_rate (or max_grad_norm) in [train] of flywheel.toml, then "
+                             "`flywheel train --resume` or `flywheel run`: changed settings start a new run")
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             ck = checkpoint.save_checkpoint(run_dir, step, lora={n: p for n, p in named.items()}, optimizer=optimizer,
                                             lr_scheduler=scheduler, generator=generator, data=data, losses=losses,
@@ -346,12 +365,3 @@ def _artifact(project, kind: str, path: Path, run_id: int, step: int, *, meta: d
 
 def _next_round(cat) -> int:
     return int(cat.query("SELECT COALESCE(MAX(round), 0) + 1 AS r FROM lora_runs WHERE status = 'ok'")[0]["r"])
-
-
-def _unfinished_run(cat, run_id: int | None):
-    sql = "SELECT * FROM lora_runs WHERE status != 'ok'" + (" AND id = ?" if run_id else "") + " ORDER BY id DESC"
-    rows = cat.query(sql, (run_id,) if run_id else ())
-    if not rows:
-        raise StageError("no unfinished training run to resume" + (f" with id {run_id}" if run_id else ""),
-                         hint="start one with `flywheel train`; finished runs are not resumed")
-    return rows[0]

@@ -2,9 +2,10 @@
 
 Every failure here is one error that tells the user what to run: the model, the folder that was
 searched and the ``hf download`` command; or, for memory, the figure needed and the options
-(downloading itself and its errors: ``flywheel.models.download``). Downloads fetch only what the loaders read (``allow_patterns``): for a diffusers repo, model_index.json
-and the component folders it names, never the single-file checkpoints some repos keep at their root
-(FLUX.1-dev's ``flux1-dev.safetensors`` and ``ae.safetensors``: ~24 GB nobody here loads).
+(downloading itself and its errors: ``flywheel.models.download``). Downloads fetch only what the
+loaders read (``allow_patterns``): for a diffusers repo, model_index.json and the component folders it
+names, never the single-file checkpoints some repos keep at their root (FLUX.1-dev's
+``flux1-dev.safetensors`` and ``ae.safetensors``: ~24 GB nobody here loads).
 """
 
 from __future__ import annotations
