@@ -20,6 +20,8 @@ from flywheel.models.hub import (
     read_json,
 )
 
+log = logging.getLogger(__name__)
+
 
 def fetch_command(repo_id: str, *, diffusers: bool | None = None) -> str:
     """The ``hf download`` line for what Flywheel loads (a diffusers repo: its component folders only)."""
