@@ -80,11 +80,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            settings={"num_inference_steps": 40, "true_cfg_scale": 4.0}),
     Preset("qwen-image-edit-2511", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=58.0,
            settings={"num_inference_steps": 40, "true_cfg_scale": 4.0}, note="stock settings; several references"),
-    Preset("qwen-image-edit-2511-lightning", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=59.0,
+    Preset("qwen-image-edit-2511-lightning", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=58.0,
            settings={"num_inference_steps": 4, **_QWEN_FAST, "loras": [
                {"hub": _LIGHTNING, "weight": "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"}]},
            note="default editor: 4 steps with the Lightning LoRA; not with fp8 quantization"),
-    Preset("qwen-image-edit-2511-lightning-8step", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=59.0,
+    Preset("qwen-image-edit-2511-lightning-8step", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=58.0,
            settings={"num_inference_steps": 8, **_QWEN_FAST, "loras": [
                {"hub": _LIGHTNING, "weight": "Qwen-Image-Edit-2511-Lightning-8steps-V1.0-bf16.safetensors"}]},
            note="8 steps with the 8-step Lightning LoRA; not with fp8 quantization"),
