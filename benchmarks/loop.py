@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import fullsize  # noqa: E402
+import fullsize
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["forest", "sunset", "oil_painting", "left_view", "city_night"]  # 5 x 5 sources = 25 edits
@@ -80,7 +80,7 @@ def config(profile: str, args) -> str:
     device = f'\ndevice = "{args.device}"' if args.device != "auto" else ""
     tiny = args.tiny
     recipes = RECIPES[:args.recipes_24gb if profile == "24gb" else args.recipes]
-    text += f"""
+    text += """
 [loop]
 rounds = 2
 sources = ["sources"]
