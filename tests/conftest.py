@@ -254,7 +254,7 @@ def tiny_qwen_image_lora(tiny_qwen_image_edit_dir, tmp_path_factory) -> Path:
     with torch.no_grad():  # gaussian init leaves B at zero (a no-op LoRA); make it bite
         for name, p in tr.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.5)
+                p.normal_(0, 2.0)
     out = tmp_path_factory.mktemp("qwen-lora")
     QwenImageEditPlusPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(tr))
     return out / "pytorch_lora_weights.safetensors"
