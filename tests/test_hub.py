@@ -110,6 +110,8 @@ def test_hub_download_fetches_and_counts_only_what_the_loader_reads(tmp_path, mo
             "text_encoder_2/model.safetensors", "scheduler/scheduler_config.json"} <= fetched
     loaded = count_parameters(tiny_flux_dir)  # the four component weights, nothing else
     assert count_parameters(folder) == count_parameters(repo) == loaded
+    # A component folder counts as the pipeline's loader reads it (the memory check sizes components).
+    assert count_parameters(repo / "vae") == count_parameters(tiny_flux_dir / "vae")
     assert sorted(p.relative_to(repo).as_posix() for p in weight_files(repo)) == [
         "text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
         "transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]

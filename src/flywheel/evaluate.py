@@ -58,14 +58,14 @@ def evaluate(project, cfg: EvaluateConfig | None = None, *, baseline_run: int | 
         # 2. Held-out images of both rounds (generated once; a re-run reuses them), from one loaded base.
         with stage_pool(project, pool, "evaluate") as models:
             for i, run in enumerate((baseline, candidate)):
-                _render(project, cfg, run["id"], device, model_kwargs, models)
+                _render(project, cfg, run["id"], device, model_kwargs, models, progress)
                 progress(i + 1, 3, f"rendered round {run['round']}")
             # 3. Judge them (for the judge pass rate); the judge skips what it already judged. The pool
             #    releases the base before the judge's VLM loads.
             if cfg.judge_images:
                 from flywheel.judge import judge
 
-                judge(project, pool=models)
+                judge(project, pool=models, progress=progress)
         # 4. Metrics per image, per round.
         sources = [project.store.open_image(r["sha256"]) for r in
                    cat.query("SELECT sha256 FROM images WHERE kind = 'source' ORDER BY id")]
@@ -115,7 +115,7 @@ def _runs(cat, baseline_run: int | None, candidate_run: int | None):
     return ok[baseline_run], ok[candidate_run]
 
 
-def _render(project, cfg: EvaluateConfig, run_id: int, device, model_kwargs, pool) -> None:
+def _render(project, cfg: EvaluateConfig, run_id: int, device, model_kwargs, pool, progress) -> None:
     from flywheel.generate import generate
 
     g = project.config.generate
@@ -123,7 +123,8 @@ def _render(project, cfg: EvaluateConfig, run_id: int, device, model_kwargs, poo
                           use_shipped_prompts=False, width=g.width, height=g.height, steps=g.steps,
                           guidance=g.guidance, max_sequence_length=g.max_sequence_length, batch_size=g.batch_size,
                           lora_scale=g.lora_scale, seed=cfg.seed)
-    generate(project, gcfg, lora_run_id=run_id, device=device, purpose="eval", pool=pool, **model_kwargs)
+    generate(project, gcfg, lora_run_id=run_id, device=device, purpose="eval", pool=pool, progress=progress,
+             **model_kwargs)  # per image: the renders are most of evaluate's time
 
 
 def _round_data(project, run, source_faces, sources, embedder, clip):

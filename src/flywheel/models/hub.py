@@ -79,9 +79,15 @@ def select_files(paths: Iterable[str], patterns: list[str]) -> list[str]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files the loader of ``folder`` reads: what is downloaded, counted and checked."""
-    index = folder / "model_index.json"
-    patterns = allow_patterns(read_json(index) if index.is_file() else None)
+    """The safetensors files the loader of ``folder`` reads: what is downloaded, counted and checked. A
+    component folder of a diffusers pipeline (``transformer/``) counts as its pipeline's loader reads it."""
+    index, parent = folder / "model_index.json", folder.parent / "model_index.json"
+    if index.is_file():
+        patterns = allow_patterns(read_json(index))
+    elif parent.is_file() and folder.name in diffusers_components(read_json(parent)):
+        patterns = _COMPONENT_FILES
+    else:
+        patterns = allow_patterns(None)
     found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors"))
     return [folder / p for p in select_files(found, patterns)]
 
