@@ -203,3 +203,19 @@ def test_editor_config_errors(tiny_pix2pix_dir, tiny_vlm_dir):
         load_editor(str(tiny_vlm_dir))
     with pytest.raises(ConfigError, match="used as the base"):
         load_text_to_image(str(tiny_pix2pix_dir))
+
+
+def test_an_editor_lora_on_an_fp8_editor_runs_and_warns_about_lightning(tiny_qwen_image_edit_dir, tiny_qwen_image_lora,
+                                                                        small_qwen_edit_inputs, caplog):
+    """fp8 storage keeps separate LoRA layers, in the compute dtype (fp8 cannot matmul), and says the known trap."""
+    import torch
+
+    editor = load_editor(str(tiny_qwen_image_edit_dir), ModelsConfig(quantization="fp8", device="cpu"),
+                         num_inference_steps=2, true_cfg_scale=1.0, max_area=64 * 64,
+                         loras=[{"path": str(tiny_qwen_image_lora), "scale": 1.0}])
+    assert editor.params()["loras"][0].get("fused") is None  # not merged into fp8 weights
+    lora_dtypes = {p.dtype for n, p in editor.pipe.transformer.named_parameters() if "lora_" in n}
+    assert lora_dtypes == {torch.float32}
+    (out,) = editor.edit([EditRequest(_source(), "make it blue", seed=1)])
+    assert out.size == (64, 64)
+    assert "grid artifacts" in caplog.text and "Lightning" in caplog.text

@@ -81,11 +81,13 @@ def fetch_hub_file(repo_id: str, filename: str) -> Path:
                                  hint=f"run `{fetch}` and read its error") from None
 
 
-def apply_loras(pipe, specs: Sequence[Mapping[str, Any]], *, model_id: str, quantization: str) -> list[dict[str, Any]]:
+def apply_loras(pipe, specs: Sequence[Mapping[str, Any]], *, model_id: str, quantization: str,
+                dtype: Any = None) -> list[dict[str, Any]]:
     """Load every editor LoRA into ``pipe`` at its scale; returns what ``params()`` records.
 
     On plain (bf16 / fp32) weights the LoRAs are fused into the base and their layers dropped, so each
-    denoising step costs what the base costs; quantized weights keep separate LoRA layers instead.
+    denoising step costs what the base costs; quantized weights keep separate LoRA layers instead (in the
+    compute ``dtype`` on an fp8 base: peft creates them in the base weights' dtype, and fp8 cannot matmul).
     """
     if not specs:
         return []
@@ -105,6 +107,11 @@ def apply_loras(pipe, specs: Sequence[Mapping[str, Any]], *, model_id: str, quan
         names.append(name)
         scales.append(float(spec.get("scale", 1.0)))
         records.append({"source": lora_label(spec), "path": str(path), "scale": scales[-1]})
+    if quantization == "fp8" and dtype is not None:
+        for component in pipe.components.values():
+            for param_name, param in getattr(component, "named_parameters", lambda: [])():
+                if "lora_" in param_name:
+                    param.data = param.data.to(dtype)
     pipe.set_adapters(names, scales)
     if quantization == "none":
         pipe.fuse_lora(adapter_names=names, lora_scale=1.0)  # the scales set above are part of each adapter

@@ -210,7 +210,7 @@ class FluxKontextEditor(_FluxBase):
             set_scheduler_shift(pipe, scheduler_shift)
         editor = cls(pipe, source, device=device, dtype=dtype, cpu_offload=cpu_offload, quantization=quantization,
                      defaults={**KONTEXT_DEFAULTS, **defaults})
-        editor.editor_loras = apply_loras(pipe, loras, model_id=source, quantization=quantization)
+        editor.editor_loras = apply_loras(pipe, loras, model_id=source, quantization=quantization, dtype=dtype)
         editor.scheduler_shift = scheduler_shift
         return editor
 

@@ -49,7 +49,7 @@ class InstructPix2PixEditor:
                                           device=device, dtype=dtype, cpu_offload=cpu_offload,
                                           quantization=quantization, vae_tiling=vae_tiling, quantize=("unet",),
                                           safety_checker=None, requires_safety_checker=False)
-        records = apply_loras(pipe, loras, model_id=label, quantization=quantization)
+        records = apply_loras(pipe, loras, model_id=label, quantization=quantization, dtype=torch_dtype)
         return cls(pipe, model_id=label, device=device, dtype=torch_dtype, cpu_offload=cpu_offload,
                    quantization=quantization, settings={**DEFAULTS, **settings}, loras=records)
 

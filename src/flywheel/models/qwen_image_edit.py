@@ -87,7 +87,7 @@ class QwenImageEditor:
                                           quantize=("transformer", "text_encoder"))
         if scheduler_shift:
             set_scheduler_shift(pipe, scheduler_shift)
-        records = apply_loras(pipe, loras, model_id=label, quantization=quantization)
+        records = apply_loras(pipe, loras, model_id=label, quantization=quantization, dtype=torch_dtype)
         return cls(pipe, model_id=label, device=device, dtype=torch_dtype, plus=plus, cpu_offload=cpu_offload,
                    quantization=quantization, settings={**DEFAULTS, **settings}, loras=records,
                    scheduler_shift=scheduler_shift)
