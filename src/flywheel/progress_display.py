@@ -36,8 +36,8 @@ class RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         rate = _rate(task)
-        if rate is None:
-            return Text("-/s", style="progress.data.speed")
+        if rate is None:  # nothing done yet in this count (or it arrived finished: nothing to say)
+            return Text("" if task.finished else "-/s", style="progress.data.speed")
         return Text(f"{rate:.2f}/s" if rate >= 1 else f"{1 / rate:.1f} s/it", style="progress.data.speed")
 
 
