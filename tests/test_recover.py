@@ -229,3 +229,27 @@ def test_a_nan_loss_stops_the_run_at_once_names_the_step_and_marks_it_failed(roo
     calls = rows(root, "SELECT status, error FROM operations WHERE stage = 'train' AND kind = 'model_call' "
                        "AND params_json LIKE '%lora_run_id%'")
     assert [(c["status"], "at step 3 of 4" in c["error"]) for c in calls] == [("failed", True)]
+
+
+def test_a_stopped_run_followed_by_a_finished_run_of_its_round_is_not_unfinished(project):
+    """Catalogs from before runs were set aside can hold a failed run that a later run of the same round
+    replaced: it is neither resumed nor in the way of a new run."""
+    from flywheel.errors import StageError
+    from flywheel.training import runs
+
+    cat = project.catalog
+    ds = cat.insert("dataset_versions", {"version": 1, "round": 1, "rule": "test"})
+
+    def run(round_: int, status: str) -> int:
+        return cat.insert("lora_runs", {"round": round_, "dataset_id": ds, "base_model": "/m", "config_json": "{}",
+                                        "output_dir": "runs/x", "status": status})
+
+    first = run(1, "failed")
+    run(1, "ok")  # the user started round 1 again, and it finished
+    assert runs.unfinished_runs(cat) == []
+    runs.refuse_second_run(project, cat)  # nothing in the way
+    third = run(2, "running")  # killed while training round 2
+    assert [r["id"] for r in runs.unfinished_runs(cat)] == [third]
+    assert runs.unfinished_run(cat)["id"] == third
+    with pytest.raises(StageError, match=f"no unfinished training run to resume with id {first}"):
+        runs.unfinished_run(cat, first)

@@ -17,14 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from flywheel.config import TrainConfig
 from flywheel.errors import StageError
 
 log = logging.getLogger(__name__)
 
 SUPERSEDED = "superseded by run"  # how a set-aside run's stage-run operation error starts
+# Stopped, not set aside, and not followed by a finished run of the same round (which made it obsolete).
 _UNFINISHED = f"""SELECT r.* FROM lora_runs r LEFT JOIN operations o ON o.id = r.operation_id
-                  WHERE r.status != 'ok' AND COALESCE(o.error, '') NOT LIKE '{SUPERSEDED}%'"""
+                  WHERE r.status != 'ok' AND COALESCE(o.error, '') NOT LIKE '{SUPERSEDED}%'
+                    AND NOT EXISTS (SELECT 1 FROM lora_runs later WHERE later.round = r.round
+                                    AND later.status = 'ok' AND later.id > r.id)"""
 
 
 @dataclass
@@ -83,7 +88,11 @@ def unfinished_run(cat, run_id: int | None = None):
 
 def changes(run, cfg: TrainConfig, *, base: str, dataset_version: int | None, run_dataset_version: int) -> list[str]:
     """What differs between a stopped run and what the user asks for now, as "key: old -> new" (empty: same)."""
-    old = _normalised(TrainConfig.model_validate(json.loads(run["config_json"])).model_dump())
+    stored = json.loads(run["config_json"])
+    try:  # defaults of keys added since the run started fill in, so an upgrade alone changes nothing
+        old = _normalised(TrainConfig.model_validate(stored).model_dump())
+    except ValidationError:  # written by a Flywheel with other [train] keys: compare what is there
+        old = _normalised(stored)
     new = _normalised(cfg.model_dump())
     found = [f"{key}: {_show(old.get(key))} -> {_show(new.get(key))}" for key in sorted(set(old) | set(new))
              if old.get(key) != new.get(key)]
