@@ -184,9 +184,11 @@ def link_flux_kontext(cache: Path) -> float:
     index = json.loads((src / "model_index.json").read_text())
     index["_class_name"] = "FluxKontextPipeline"
     (snap / "model_index.json").write_text(json.dumps(index, indent=2))
-    for part in src.iterdir():
-        if part.is_dir() and not (snap / part.name).exists():
-            (snap / part.name).symlink_to(part, target_is_directory=True)
+    for file in src.rglob("*"):  # file symlinks, as the HF cache links snapshots to blobs
+        target = snap / file.relative_to(src)
+        if file.is_file() and file.name not in ("model_index.json", ".complete") and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(file)
     return _done(snap, t0, f"{FLUX_KONTEXT} (components linked to FLUX.1-dev)")
 
 

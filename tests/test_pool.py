@@ -96,3 +96,39 @@ def test_unknown_role_or_key_in_overrides_is_a_config_error():
 def test_vlm_batch_size_reaches_the_adapter():
     pool = ModelPool(ModelsConfig(device="cpu", vlm_batch_size=3))
     assert pool.vlm("tiny").batch_size == 3
+
+
+def test_train_gives_its_model_back_when_it_ends(tmp_path, monkeypatch):
+    """The trained transformer sits in reference cycles; train collects them so the next stage gets the
+    memory (on the GPU this was 22 GiB held into evaluate, and an out-of-memory in the 24 GiB profile)."""
+    import flywheel.models.flux as flux
+    from test_train import add_source, pattern
+
+    from flywheel.project import init_project
+    from flywheel.testing.tiny.flux import build_tiny_flux
+    from flywheel.train import train
+
+    refs = []
+    real = flux._load_pipeline
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        refs.append(weakref.ref(out[0].transformer))
+        return out
+
+    monkeypatch.setattr(flux, "_load_pipeline", spy)
+    base = build_tiny_flux(tmp_path / "flux")
+    init_project(tmp_path / "p", name="P", trigger="fw_test")
+    with open_project(tmp_path / "p") as project:
+        add_source(project, pattern(64, 64, 0), "fw_test in a red room")
+        from flywheel.config import TrainConfig
+
+        cfg = TrainConfig(base_model=str(base), resolution=64, bucket_step=16, rank=4, alpha=8, steps=2,
+                          gradient_checkpointing=False, max_sequence_length=32, sample_every=0, sample_steps=1,
+                          sample_size=64)
+        gc.disable()
+        try:
+            train(project, cfg, device="cpu", force=True)
+            assert refs and refs[0]() is None, "train kept its transformer alive after it returned"
+        finally:
+            gc.enable()

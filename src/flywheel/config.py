@@ -83,7 +83,7 @@ class CaptionConfig(Section):
     )
     strip_identity_traits: bool = Field(False, description="Remove listed traits from captions (else only flag).")
     prompt: str = Field(DEFAULT_CAPTION_PROMPT, description="Captioner prompt; placeholders {trigger} {vary} {traits}.")
-    batch_size: int = Field(4, ge=1, le=256)
+    batch_size: int = Field(16, ge=1, le=256)
     max_new_tokens: int = Field(96, ge=8, le=2048)
 
     @field_validator("prompt")
@@ -182,7 +182,8 @@ class TrainConfig(Section):
     timestep_sampling: Literal["shifted_sigmoid", "sigmoid", "uniform"] = "shifted_sigmoid"
     gradient_checkpointing: bool = True
     checkpoint_every_n_blocks: int = Field(1, ge=1, description="With checkpointing: 1 = every block, 2 = half...")
-    quantize_base: Literal["none", "fp8", "int8", "nf4"] = "none"
+    quantize_base: Literal["auto", "none", "fp8", "int8", "nf4"] = Field(
+        "auto", description="Frozen base precision while training; 'auto' follows [models] quantization of the base.")
     compile: bool = False
     max_sequence_length: int = Field(512, ge=16, le=512)
     checkpoint_every: int = Field(250, ge=1)
@@ -215,6 +216,24 @@ class GenerateConfig(Section):
     seed: int = 0
 
 
+Quantization = Literal["none", "nf4", "int8", "fp8"]
+Precision = Literal["auto", "bfloat16", "float16", "float32"]
+ROLES = ("vlm", "editor", "base")
+
+
+class RoleLoad(Section):
+    """``[models.overrides.<role>]``: how one role's model is loaded, where it differs from ``[models]``.
+
+    Unset keys inherit ``[models]``. Roles: ``vlm`` (captioner and judge), ``editor``, ``base`` (the FLUX
+    base for training, generation and evaluation).
+    """
+
+    device: Literal["auto", "cpu", "cuda"] | None = None
+    dtype: Precision | None = None
+    quantization: Quantization | None = None
+    cpu_offload: bool | None = None
+
+
 class ModelsConfig(Section):
     """``[models]``: which model plays each role, and how models are loaded (see docs/models.md)."""
 
@@ -223,11 +242,28 @@ class ModelsConfig(Section):
     editor: str = Field("qwen-image-edit-2511-lightning",
                         description="Preset name, local folder or hub id of the editor.")
     base: str = Field("flux-dev", description="Preset name, local folder or hub id of the text-to-image base.")
-    quantization: Literal["none", "nf4", "int8"] = "none"
+    quantization: Quantization = Field(
+        "none", description="Weights of every role's model: none, nf4 / int8 (bitsandbytes), fp8 (diffusion "
+        "models only: fp8 storage, bf16 compute). Per role: [models.overrides.<role>].")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Precision = Field("auto", description="'auto': the preset's dtype on a GPU (bf16), float32 on CPU.")
     vlm_max_pixels: int = Field(1024 * 1024, ge=56 * 56, description="Images are downscaled to this many pixels.")
+    vlm_batch_size: int = Field(16, ge=1, le=512, description="Requests per VLM forward pass (captions, judge).")
     cpu_offload: bool = False
     trust_remote_code: bool = False
+    overrides: dict[Literal["vlm", "editor", "base"], RoleLoad] = Field(
+        default_factory=dict, description="Per-role load settings, e.g. [models.overrides.editor] cpu_offload = true.")
+
+    def for_role(self, role: str) -> dict[str, Any]:
+        """device / dtype / quantization / cpu_offload for ``role`` ('vlm', 'editor', 'base' or the loader's
+        'text_to_image'), with the role's overrides applied."""
+        role = "base" if role == "text_to_image" else role
+        settings: dict[str, Any] = {"device": self.device, "dtype": self.dtype, "quantization": self.quantization,
+                                    "cpu_offload": self.cpu_offload}
+        override = self.overrides.get(role)  # type: ignore[call-overload]
+        if override is not None:
+            settings.update(override.model_dump(exclude_none=True))
+        return settings
 
     @field_validator("captioner", "judge", "editor", "base")
     @classmethod

@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from flywheel.errors import MissingExtraError, ModelLoadError, ModelNotFoundError
+from flywheel.errors import ModelLoadError, ModelNotFoundError
 from flywheel.models.base import EditRequest, TextToImageRequest
 
 log = logging.getLogger(__name__)
@@ -54,47 +54,20 @@ def _device_dtype(device: str | None, dtype: Any) -> tuple[str, Any]:
     return device, dtype
 
 
-def _quantization_config(quantization: str, dtype: Any):
-    """diffusers' PipelineQuantizationConfig for int8 / nf4 (bitsandbytes), applied to the transformer only."""
+def _load_pipeline(cls, path_or_id, *, dtype, device, cpu_offload, quantization, place: bool = True,
+                   check_precision: str | None = None):
+    """The FLUX folder through the shared diffusers loader (dtype, quantization of the transformer, offload,
+    memory check); ``place=False`` leaves it on the CPU for the trainer, which places components itself."""
+    from flywheel.models._diffusers_common import load_pipeline
+    from flywheel.models.hub import pick_device
+
     if quantization not in QUANTIZATIONS:
         raise ModelLoadError(f"unknown quantization {quantization!r}", hint=f"use one of {', '.join(QUANTIZATIONS)}")
-    if quantization in ("none", "fp8"):
-        return None  # fp8 is layerwise casting, applied after loading
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise MissingExtraError("bitsandbytes", "gpu", f"{quantization} quantization of FLUX") from None
-    from diffusers.quantizers import PipelineQuantizationConfig
-
-    if quantization == "nf4":
-        kwargs = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
-    else:
-        kwargs = {"load_in_8bit": True}
-    return PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit" if quantization == "nf4" else "bitsandbytes_8bit",
-                                      quant_kwargs=kwargs, components_to_quantize=["transformer"])
-
-
-def _load_pipeline(cls, path_or_id, *, dtype, device, cpu_offload, quantization):
-    import torch
-
     source = _resolve(path_or_id)
-    device, dtype = _device_dtype(device, dtype)
-    try:
-        pipe = cls.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, quantization_config=_quantization_config(quantization, dtype),
-        )
-    except OSError as err:
-        raise ModelNotFoundError(
-            f"cannot load FLUX weights from {source}: {err}",
-            hint="download them first (huggingface-cli download ...), or point the config to a local folder",
-        ) from err
-    if quantization == "fp8":  # weights stored in fp8, each layer cast up to `dtype` when it runs
-        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
-    if cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
+    device, dtype = _device_dtype(pick_device(device or "auto"), dtype)
+    pipe, dtype = load_pipeline(cls, Path(source), label=source, device=device, dtype=str(dtype).removeprefix("torch."),
+                                cpu_offload=cpu_offload, quantization=quantization, place=place,
+                                check_precision=check_precision)
     return pipe, source, device, dtype
 
 
@@ -133,6 +106,10 @@ class _FluxBase:
         except (ValueError, KeyError, OSError) as err:
             raise ModelLoadError(f"cannot load LoRA {p} into {self.model_id}: {err}",
                                  hint="is it a FLUX.1 LoRA (diffusers or kohya keys) trained on this base?") from err
+        if self.quantization == "fp8":  # peft gives new LoRA layers the base weights' dtype: fp8 cannot matmul
+            for param_name, param in self.pipe.transformer.named_parameters():
+                if "lora_" in param_name:
+                    param.data = param.data.to(self.dtype)
         self.loras.append({"name": name, "path": str(p), "scale": float(scale)})
         self.pipe.set_adapters([lo["name"] for lo in self.loras], [lo["scale"] for lo in self.loras])
 
