@@ -23,14 +23,23 @@ def _with(toml: str, extra: str, **replace: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_run_loads_each_model_once_per_stage_and_honours_the_base_role(tmp_path):
-    """caption and judge share the VLM; evaluate renders both rounds from one base; the base role's fp8
-    setting reaches training, generation and evaluation."""
+def test_a_run_loads_each_model_once_per_stage_and_honours_the_base_role(tmp_path, monkeypatch):
+    """caption and judge share the VLM; evaluate renders both rounds from one base; the base role's fp8 and
+    cpu_offload settings reach training, generation and evaluation (the shared diffusers loader gets them)."""
+    import flywheel.models._diffusers_common as common
     from flywheel.loop import run_loop
 
+    calls = []
+    real_load = common.load_pipeline
+
+    def spy(cls, folder, **kwargs):
+        calls.append((cls.__name__, kwargs))
+        return real_load(cls, folder, **kwargs)
+
+    monkeypatch.setattr(common, "load_pipeline", spy)
     root = make_project(tmp_path / "p")
     toml = (root / "flywheel.toml").read_text()
-    toml = _with(toml, '\n[models.overrides.base]\nquantization = "fp8"\n',
+    toml = _with(toml, '\n[models.overrides.base]\nquantization = "fp8"\ncpu_offload = true\n',
                  **{'judge = "none"': 'judge = "tiny"', 'mode = "template"': 'mode = "vlm"\nmax_new_tokens = 8',
                     "[judge]\n": "[judge]\nstructured_verdict = false\n"})
     (root / "flywheel.toml").write_text(toml)
@@ -51,6 +60,11 @@ def test_a_run_loads_each_model_once_per_stage_and_honours_the_base_role(tmp_pat
         for run in project.catalog.query("SELECT output_dir FROM lora_runs"):
             config = json.loads((project.workspace / run["output_dir"] / "config.json").read_text())
             assert config["quantize_base"] == "fp8"
+    # 2 trainings (kept on the CPU, placed by the trainer, memory-checked at fp8), 1 generate, 1 evaluate.
+    assert [c for c, _ in calls] == ["FluxPipeline"] * 4
+    assert all(kw["cpu_offload"] is True for _, kw in calls)
+    assert [(kw["place"], kw["quantization"], kw["check_precision"]) for _, kw in calls] == [
+        (False, "none", "fp8"), (True, "fp8", None), (False, "none", "fp8"), (True, "fp8", None)]
 
 
 def test_pool_reuses_a_model_and_release_frees_it(tmp_path):
