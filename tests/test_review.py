@@ -385,6 +385,11 @@ def test_scores_read_as_labels_with_their_thresholds(review_project):
     assert label("quality", "vlm_verdict:tiny", 0.0, reasons="extra fingers") == (
         'VLM verdict: artifacts ("extra fingers")', "fail")
     assert label("aesthetics", "someone:else", 0.5) == ("aesthetics: 0.5", "info")
+    assert label("edit_applied", "mask:mediapipe_selfie", 0.91, ok=False,
+                 problem="covers 91% of the frame (> 85%): no person separable") == (
+        "subject mask failed: covers 91% of the frame (> 85%): no person separable", "fail")
+    assert label("edit_applied", "mask:mediapipe_selfie", 0.52, ok=True) == (
+        "subject mask: covers 52% of the frame (usable)", "pass")
     # On the page: the label, with the raw scorer name kept as a tooltip.
     project, ids = review_project
     [item] = review.list_items(project, review.Filters(verdict="accepted"))

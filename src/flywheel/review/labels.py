@@ -62,6 +62,10 @@ def score_label(criterion: str, scorer: str, value: float | None, details: dict[
         if family in ("embedding", "clip_i"):
             return at_least("identity: image similarity", f"{v:.2f}", bound("min", cfg.min_image_similarity), ".2f")
     if criterion == "edit_applied":
+        if family == "mask":  # the composite editor's person mask (signals.segmentation)
+            if details.get("ok", True):
+                return label(f"subject mask: covers {v:.0%} of the frame (usable)", "pass")
+            return label(f"subject mask failed: {details.get('problem') or 'unusable'}", "fail")
         if scorer == "pixels:change":
             return at_least("edit:", f"{v:.0%} of pixels changed", bound("min", cfg.min_changed_fraction), ".0%")
         if family == "vlm_pairwise":
