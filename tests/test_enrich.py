@@ -172,6 +172,33 @@ def test_references_are_passed_and_recorded_for_qwen_image_edit(project, sources
         assert len({p["parent_id"] for p in parents}) == 3 and {p["parent_id"] for p in parents} == set(sources)
 
 
+def test_a_source_left_out_on_the_review_page_is_neither_edited_nor_a_reference(project, sources):
+    from flywheel.review.decisions import record_review
+
+    record_review(project, [sources[1]], "rejected", "tester", reason="blurry")
+    cfg = EnrichConfig(backend="qwen-image-edit", recipes=["forest"], references=2)
+    assert {u.source_id for u in plan(project, cfg)} == {sources[0], sources[2]}
+
+    class Editor:
+        model_id = "recording-editor"
+        requests: list = []
+
+        def params(self):
+            return {}
+
+        def edit(self, requests):
+            self.requests += requests
+            return [Image.fromarray(np.roll(np.asarray(r.image), r.seed + 1, axis=2)) for r in requests]
+
+    ed = Editor()
+    result = enrich(project, cfg, editor=ed)
+    assert len(result.made) == 2 and all(len(r.references) == 1 for r in ed.requests)
+    refs = {row["parent_id"] for row in project.catalog.query("SELECT parent_id FROM image_parents")}
+    assert sources[1] not in refs
+    record_review(project, [sources[1]], "cleared", "tester")  # put back: its edits are planned again
+    assert {u.source_id for u in plan(project, cfg)} == set(sources)
+
+
 def test_a_source_without_a_person_fails_its_background_edits_and_the_rest_go_on(project, sources):
     from skimage import data
 

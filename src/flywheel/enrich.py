@@ -20,6 +20,7 @@ from typing import Any
 
 from PIL import Image
 
+from flywheel.catalog.queries import KEPT_SOURCES
 from flywheel.config import EnrichConfig, ModelsConfig
 from flywheel.enrich_settings import editor_settings, settings_tag
 from flywheel.errors import ConfigError, ModelOutputError, StageError
@@ -88,9 +89,10 @@ def plan(project: Project, cfg: EnrichConfig, editor: str | None = None) -> list
     editor = editor or editor_id(cfg, project.config.models)
     book = load_recipes(cfg.extra_recipe_files, base=project.root)
     recipes = book.select(cfg.recipes)
-    sources = project.catalog.query("SELECT id, sha256 FROM images WHERE kind = 'source' ORDER BY id")
+    sources = project.catalog.query(KEPT_SOURCES)
     if not sources:
-        raise StageError("there are no source images to edit", hint="add some first: flywheel ingest PATH...")
+        raise StageError("there are no source images to edit (none ingested, or all left out on the review page)",
+                         hint="add some first: flywheel ingest PATH... (or put a source back on the Sources page)")
     seeds = range(cfg.seed, cfg.seed + cfg.seeds)
     return [
         EditUnit(src["id"], src["sha256"], recipe, seed, work_key(src["sha256"], recipe.id, seed, editor))
@@ -145,7 +147,7 @@ def _edit_all(project: Project, cfg: EnrichConfig, editor: ImageEditor, units, t
     n_refs = min(cfg.references, getattr(editor, "max_references", cfg.references))
     if cfg.backend not in TAKES_REFERENCES:
         n_refs = 0
-    sources = {r["id"]: r["sha256"] for r in catalog.query("SELECT id, sha256 FROM images WHERE kind = 'source' ORDER BY id")}
+    sources = {r["id"]: r["sha256"] for r in catalog.query(KEPT_SOURCES)}  # left-out sources are no references
     images: dict[int, Image.Image] = {}
 
     def load(image_id: int) -> Image.Image:

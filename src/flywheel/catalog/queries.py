@@ -19,3 +19,10 @@ EFFECTIVE_DECISION = """CASE
   WHEN (SELECT r.decision FROM reviews r WHERE r.image_id = i.id ORDER BY r.id DESC LIMIT 1) IN ('accepted', 'rejected')
   THEN (SELECT r.decision FROM reviews r WHERE r.image_id = i.id ORDER BY r.id DESC LIMIT 1)
   ELSE (SELECT v.verdict FROM verdicts v WHERE v.image_id = i.id ORDER BY v.id DESC LIMIT 1) END"""
+
+# Sources a human has not left out (a source is left out when its newest review is 'rejected', given with a
+# reason on the review page): what enrich edits and passes as references.
+KEPT_SOURCES = f"""
+SELECT i.id, i.sha256 FROM images i LEFT JOIN ({LATEST_REVIEW}) lr ON lr.image_id = i.id
+WHERE i.kind = 'source' AND (lr.decision IS NULL OR lr.decision != 'rejected') ORDER BY i.id
+"""
