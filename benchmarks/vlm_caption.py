@@ -16,17 +16,18 @@ import argparse
 import gc
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
 
-FULL_TEXT = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
-                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-FULL_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=1536, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2)
+sys.path.insert(0, str(Path(__file__).parent))
+import fullsize  # noqa: E402
+
+# The released Qwen2-VL-2B config, shared with the loop benchmark's random-weight repo (fullsize.py).
+FULL_TEXT, FULL_VISION = fullsize.QWEN2_VL_TEXT, fullsize.QWEN2_VL_VISION
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096,
                  rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})

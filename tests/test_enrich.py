@@ -145,22 +145,23 @@ def test_crash_mid_run_then_rerun_gives_exactly_the_planned_set(project, sources
     assert_complete_and_consistent(project, cfg)
 
 
+class RecordingEditor:
+    """Stands in for Qwen-Image-Edit: records what it was sent, returns a seed-dependent recolour."""
+
+    model_id = "recording-editor"
+
+    def __init__(self):
+        self.requests: list[EditRequest] = []
+
+    def params(self):
+        return {}
+
+    def edit(self, requests):
+        self.requests += requests
+        return [Image.fromarray(np.roll(np.asarray(r.image), r.seed + 1, axis=2)) for r in requests]
+
+
 def test_references_are_passed_and_recorded_for_qwen_image_edit(project, sources):
-    class RecordingEditor:
-        """Stands in for Qwen-Image-Edit: records what it was sent, returns a seed-dependent recolour."""
-
-        model_id = "recording-editor"
-
-        def __init__(self):
-            self.requests: list[EditRequest] = []
-
-        def params(self):
-            return {}
-
-        def edit(self, requests):
-            self.requests += requests
-            return [Image.fromarray(np.roll(np.asarray(r.image), r.seed + 1, axis=2)) for r in requests]
-
     ed = RecordingEditor()
     cfg = EnrichConfig(backend="qwen-image-edit", recipes=["forest"], references=2)
     result = enrich(project, cfg, editor=ed)
@@ -178,19 +179,7 @@ def test_a_source_left_out_on_the_review_page_is_neither_edited_nor_a_reference(
     record_review(project, [sources[1]], "rejected", "tester", reason="blurry")
     cfg = EnrichConfig(backend="qwen-image-edit", recipes=["forest"], references=2)
     assert {u.source_id for u in plan(project, cfg)} == {sources[0], sources[2]}
-
-    class Editor:
-        model_id = "recording-editor"
-        requests: list = []
-
-        def params(self):
-            return {}
-
-        def edit(self, requests):
-            self.requests += requests
-            return [Image.fromarray(np.roll(np.asarray(r.image), r.seed + 1, axis=2)) for r in requests]
-
-    ed = Editor()
+    ed = RecordingEditor()
     result = enrich(project, cfg, editor=ed)
     assert len(result.made) == 2 and all(len(r.references) == 1 for r in ed.requests)
     refs = {row["parent_id"] for row in project.catalog.query("SELECT parent_id FROM image_parents")}
