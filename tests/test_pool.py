@@ -13,7 +13,7 @@ from flywheel.config import ModelsConfig, parse_config
 from flywheel.models.pool import ModelPool, load_counts
 from flywheel.project import open_project
 
-from test_loop import SMALL, make_project
+from test_loop import make_project
 
 
 def _with(toml: str, extra: str, **replace: str) -> str:

@@ -236,7 +236,7 @@ def test_missing_low_vram_libraries_name_the_extra(monkeypatch):
     import sys
 
     from flywheel.errors import MissingExtraError
-    from flywheel.train import BaseLoad, _check_runnable
+    from flywheel.training.setup import BaseLoad, check_runnable as _check_runnable
 
     monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed: importing it raises ImportError
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)

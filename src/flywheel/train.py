@@ -21,13 +21,14 @@ from pathlib import Path
 
 from flywheel.config import TrainConfig
 from flywheel.dataset import ensure_trainable, freeze_dataset, load_dataset
-from flywheel.errors import MissingExtraError, StageError
+from flywheel.errors import StageError
 from flywheel.models.pool import free_accelerator_memory
 from flywheel.progress import ProgressFn, no_progress
 from flywheel.training import buckets as bk
-from flywheel.training import caching, checkpoint, lora_io, quantize, targets
+from flywheel.training import caching, checkpoint, lora_io, quantize, samples, setup
 from flywheel.training import losses as losses_io
 from flywheel.training.flux_step import Batch, checkpoint_blocks, train_step
+from flywheel.training.setup import base_load, check_runnable
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,10 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
         cfg = TrainConfig.model_validate(json.loads(run["config_json"]))  # the run's own settings
         ds = load_dataset(project, planned.dataset_version)
         run_id, base = run["id"], run["base_model"]
-        _check_runnable(cfg, base_load(project, cfg, device))
+        check_runnable(cfg, base_load(project, cfg, device))
     else:
         cfg = cfg or project.config.train
-        _check_runnable(cfg, base_load(project, cfg, device))  # before the run is recorded and minutes of loading
+        check_runnable(cfg, base_load(project, cfg, device))  # before the run is recorded and minutes of loading
         if not (force or planned.same_set):  # before a version is frozen: a refusal writes nothing
             ensure_trainable(project, _next_round(cat), planned.dataset_version)
         base = planned.base or base_of(cfg)
@@ -189,7 +190,7 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
         for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
             block.compile()
     transformer.train()
-    optimizer = _optimizer(cfg, list(named.values()))
+    optimizer = setup.optimizer(cfg, list(named.values()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     generator = torch.Generator().manual_seed(cfg.seed)
     step, data, losses = 0, _new_epoch(groups, cfg, 0), []
@@ -231,18 +232,18 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
             ck = checkpoint.save_checkpoint(run_dir, step, lora={n: p for n, p in named.items()}, optimizer=optimizer,
                                             lr_scheduler=scheduler, generator=generator, data=data, losses=losses,
                                             keep=cfg.keep_checkpoints)
-            _artifact(project, "checkpoint", ck, run_id, step, hash_file=False)
+            samples.record(project, "checkpoint", ck, run_id, step, hash_file=False)
         if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-            _samples(project, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step, device)
+            samples.render(project, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step, device)
         progress(step, cfg.steps, f"loss {losses[-1]['loss']:.4f}")
 
     # 6. Outputs: LoRA (diffusers + kohya keys), resolved config, loss curve, final samples.
     transformer.eval()
-    _samples(project, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step, device)
+    samples.render(project, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step, device)
     state = lora_io.lora_state_dict(transformer, alpha=cfg.alpha, rank=cfg.rank)
-    _artifact(project, "lora", lora_io.save_diffusers(state, run_dir), run_id, step)
+    samples.record(project, "lora", lora_io.save_diffusers(state, run_dir), run_id, step)
     kohya = lora_io.save_kohya(state, run_dir / lora_io.KOHYA_FILE, lora_io.out_features_of(transformer))
-    _artifact(project, "lora_kohya", kohya, run_id, step)
+    samples.record(project, "lora_kohya", kohya, run_id, step)
     resolved = {"train": cfg.model_dump(), "base_model_path": str(source), "dataset_version": ds.version,
                 "trigger": trigger, "lora_run_id": run_id, "device": device, "dtype": str(dtype),
                 "quantize_base": load.quantize,
@@ -250,11 +251,11 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
                 "timing": {"steps": step - first_step, "seconds": round(t_steps, 3),
                            "seconds_per_step": round(t_steps / max(1, step - first_step), 4)}}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
-    _artifact(project, "config", run_dir / "config.json", run_id, step)
-    _artifact(project, "loss_csv", losses_io.save_csv(losses, run_dir / "loss.csv"), run_id, step)
+    samples.record(project, "config", run_dir / "config.json", run_id, step)
+    samples.record(project, "loss_csv", losses_io.save_csv(losses, run_dir / "loss.csv"), run_id, step)
     png = losses_io.plot(losses, run_dir / "loss.png", title=f"LoRA run {run_id} (dataset v{ds.version})")
     if png is not None:
-        _artifact(project, "loss_curve", png, run_id, step)
+        samples.record(project, "loss_curve", png, run_id, step)
     return [r["loss"] for r in losses]
 
 
@@ -281,92 +282,6 @@ def _lr_lambda(cfg: TrainConfig):
             return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
         return 1.0
     return factor
-
-
-@dataclass
-class BaseLoad:
-    """How the FLUX base is loaded for training: [models] base role settings, the stage's device override,
-    and ``[train] quantize_base`` ('auto' follows the base role's [models] quantization)."""
-
-    device: str
-    dtype: str
-    quantize: str
-    cpu_offload: bool
-
-
-def base_load(project, cfg: TrainConfig, device: str | None) -> BaseLoad:
-    from flywheel.models.hub import pick_device
-
-    role = project.config.models.for_role("base")
-    resolved = pick_device(device or role["device"])
-    dtype = role["dtype"] if role["dtype"] != "auto" else ("bfloat16" if resolved.startswith("cuda") else "float32")
-    mode = cfg.quantize_base if cfg.quantize_base != "auto" else role["quantization"]
-    return BaseLoad(resolved, dtype, mode, bool(role["cpu_offload"]))
-
-
-def _check_runnable(cfg: TrainConfig, load: BaseLoad) -> None:
-    """Options that need a GPU or an optional library fail here, with what to do, not after the loading."""
-    targets.check_target_modules(cfg.target_modules)  # else the kohya export fails after training
-    quantize.check_quantize_support(load.quantize, load.device)
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise MissingExtraError("bitsandbytes", "lowvram", "[train] optimizer = 'adamw8bit'") from None
-
-
-def _optimizer(cfg: TrainConfig, params: list):
-    import torch
-
-    if cfg.optimizer == "adamw8bit":  # bitsandbytes' presence was checked by _check_runnable
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-
-
-def _samples(project, pipe, transformer, cfg: TrainConfig, text: dict, prompts: list[str], run_id: int,
-             run_dir: Path, step: int, device) -> None:
-    """Fixed prompts x fixed seeds with the LoRA as it is now; each image is an artifact with its settings."""
-    import torch
-    from diffusers import FluxPipeline
-
-    if not prompts or not cfg.sample_seeds:
-        return
-    was_training = transformer.training
-    transformer.eval()
-    pipe.vae.to(device)
-    sampler = FluxPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=None, tokenizer=None,
-                           text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    sampler.set_progress_bar_config(disable=True)
-    out = run_dir / "samples"
-    out.mkdir(exist_ok=True)
-    with torch.no_grad():
-        for pi, prompt in enumerate(prompts):
-            embeds, pooled = text[prompt]
-            for seed in cfg.sample_seeds:
-                image = sampler(prompt_embeds=embeds.to(device, transformer.dtype),
-                                pooled_prompt_embeds=pooled.to(device, transformer.dtype),
-                                width=cfg.sample_size, height=cfg.sample_size, num_inference_steps=cfg.sample_steps,
-                                guidance_scale=3.5, generator=torch.Generator().manual_seed(seed)).images[0]
-                path = out / f"step{step:06d}-p{pi}-s{seed}.png"
-                image.save(path)
-                _artifact(project, "sample", path, run_id, step, meta={"prompt": prompt, "seed": seed,
-                                                                       "steps": cfg.sample_steps, "guidance": 3.5,
-                                                                       "size": cfg.sample_size})
-    caching.release(pipe.vae)
-    if was_training:
-        transformer.train()
-
-
-def _artifact(project, kind: str, path: Path, run_id: int, step: int, *, meta: dict | None = None,
-              hash_file: bool = True) -> None:
-    sha = hashlib.sha256(path.read_bytes()).hexdigest() if hash_file and path.is_file() else None
-    with project.catalog.transaction():
-        project.catalog.insert("artifacts", {
-            "kind": kind, "path": str(path.relative_to(project.workspace)), "sha256": sha, "lora_run_id": run_id,
-            "step": step, "meta_json": json.dumps(meta or {}),
-        })
 
 
 def _next_round(cat) -> int:
