@@ -299,67 +299,6 @@ def evaluate(ctx: click.Context, baseline: int | None, candidate: int | None) ->
     click.echo(f"Report: {r.report}")
 
 
-# --- models ---------------------------------------------------------------------------------------------
-@main.group()
-def models() -> None:
-    """Model presets, and what a model needs once loaded."""
-
-
-def _models_config(ctx: click.Context):
-    """The project's [models] section when there is a project here, else the defaults."""
-    import os
-
-    from flywheel.config import CONFIG_FILENAME, ModelsConfig, load_config
-    from flywheel.errors import ProjectNotFoundError
-    from flywheel.project import find_project_root
-
-    try:
-        root = find_project_root(ctx.obj["project_dir"] or Path(os.environ.get("FLYWHEEL_PROJECT", ".")))
-    except ProjectNotFoundError:
-        return ModelsConfig()
-    return load_config(root / CONFIG_FILENAME).models
-
-
-@models.command("list")
-def models_list() -> None:
-    """The presets: name, family, hub id and approximate GPU memory."""
-    from flywheel.models.presets import PRESETS, TINY_FOR_ROLE
-
-    def gib(v: float | None) -> str:
-        return f"~{v:g} GiB" if v else "-"
-
-    rows = [("preset", "role", "family", "hub id", "VRAM bf16", "VRAM nf4", "note")]
-    rows += [(p.name, p.role, p.family, p.hub_id or "(built locally)", gib(p.vram_gib), gib(p.vram_gib_nf4), p.note)
-             for p in PRESETS.values()]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:  # plain columns: readable when piped, and in narrow terminals
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    roles = ", ".join(f"{role}: {name}" for role, name in TINY_FOR_ROLE.items())
-    click.echo(f'"tiny" picks the tiny model for the role ({roles}). Any preset can be replaced by a local folder.')
-
-
-@models.command("info")
-@click.argument("name_or_path")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override [models].device.")
-@click.option("--quantization", type=click.Choice(["none", "nf4", "int8"]), default=None,
-              help="Override [models].quantization.")
-@click.pass_context
-def models_info(ctx: click.Context, name_or_path: str, device: str | None, quantization: str | None) -> None:
-    """Load a preset, folder or hub id and report parameters, dtype, device and VRAM used."""
-    from flywheel.models import model_info
-
-    cfg = _models_config(ctx)
-    updates = {k: v for k, v in (("device", device), ("quantization", quantization)) if v}
-    info = model_info(name_or_path, cfg.model_copy(update=updates))
-    for key in ("model", "family", "folder", "parameters", "weights_gib", "dtype", "device", "quantization", "vram"):
-        value = info.get(key)
-        if key == "parameters":
-            value = f"{value:,}"
-        elif key == "weights_gib":
-            value = f"{value:.3f} GiB on disk"
-        click.echo(f"{key:>13}: {value}")
-
-
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback needs --token.")
@@ -441,49 +380,13 @@ def tune_judge_cmd(ctx: click.Context, resume: bool, steps: int | None) -> None:
         click.secho(f"not promoted: it does not beat {r.incumbent_id or 'the base judge'} on held-out kappa", fg="yellow")
 
 
-@main.command()
-@click.option("--round", "round_", type=click.IntRange(1), default=None,
-              help="LoRA round the set is for (default: the next one).")
-@click.pass_context
-def freeze(ctx: click.Context, round_: int | None) -> None:
-    """Freeze a dataset version without training: which images, with which captions; says what it holds."""
-    from flywheel.dataset import freeze_dataset, next_round, summarize
+def _attach() -> None:
+    """Commands that live in their own modules (cli.py stays readable in one sitting)."""
+    from flywheel.cli_models import models
+    from flywheel.cli_sets import export_cmd, freeze
 
-    with _open(ctx) as project:
-        k = round_ or next_round(project)
-        summary = summarize(project, version=freeze_dataset(project, k).version)
-    click.echo(summary.describe())
-    if summary.blockers():
-        missing = "; ".join(what for what, _ in summary.blockers())
-        commands = ", ".join(f"`{cmd}`" for _, cmd in summary.blockers())
-        click.secho(f"Not ready to train: {missing}. Run {commands}, then freeze again.", fg="yellow")
-    click.echo(f"Next: flywheel export DEST --dataset {summary.version}, or flywheel train --dataset {summary.version}")
+    for command in (models, freeze, export_cmd):
+        main.add_command(command)
 
 
-@main.command(name="export")
-@click.argument("dest", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["kohya", "ai-toolkit", "imagefolder"]), default="kohya",
-              show_default=True)
-@click.option("--dataset", "version", type=int, default=None, help="Dataset version (default: the newest).")
-@click.option("--freeze", is_flag=True, help="Freeze a new dataset version first and export that.")
-@click.option("--class-word", default=None, metavar="WORD",
-              help="What the character is, e.g. 'woman': captions and prompts read 'TRIGGER woman'.")
-@click.option("--short-captions", is_flag=True,
-              help="Also write NNNN.short.txt (first sentence); the configs train on both forms.")
-@click.option("--repeats", type=click.IntRange(1), default=10, show_default=True, help="kohya folder repeats.")
-@click.option("--overwrite", is_flag=True, help="Replace DEST if it is not empty.")
-@click.pass_context
-def export_cmd(ctx: click.Context, dest: Path, fmt: str, version: int | None, freeze: bool, class_word: str | None,
-               short_captions: bool, repeats: int, overwrite: bool) -> None:
-    """Export a dataset version as image + caption files, with a ready ai-toolkit YAML and kohya TOML."""
-    from flywheel.dataset import summarize
-    from flywheel.export import export_dataset
-
-    with _open(ctx) as project:
-        result = export_dataset(project, dest, fmt=fmt, version=version, repeats=repeats, overwrite=overwrite,
-                                freeze=freeze, class_word=class_word, short_captions=short_captions)
-        if result.frozen:
-            click.echo("froze " + summarize(project, version=result.dataset_version).describe())
-    click.echo(f"dataset v{result.dataset_version}: {result.images} images -> {result.folder}")
-    for path in result.configs:
-        click.echo(f"  {'ai-toolkit job' if path.suffix == '.yaml' else 'kohya dataset config'}: {path}")
+_attach()
