@@ -146,3 +146,21 @@ def test_train_gives_its_model_back_when_it_ends(tmp_path, monkeypatch):
             assert refs and refs[0]() is None, "train kept its transformer alive after it returned"
         finally:
             gc.enable()
+
+
+@pytest.mark.gpu
+def test_release_returns_gpu_memory_to_the_baseline_and_offload_keeps_flux_off_the_gpu():
+    import torch
+
+    baseline = torch.cuda.memory_allocated()
+    pool = ModelPool(ModelsConfig(device="cuda"))
+    pool.vlm("tiny")
+    assert torch.cuda.memory_allocated() > baseline
+    pool.release()
+    assert torch.cuda.memory_allocated() == baseline
+    offloaded = ModelPool(ModelsConfig(device="cuda", overrides={"base": {"cpu_offload": True}}))
+    flux = offloaded.text_to_image("tiny")
+    assert flux.params()["cpu_offload"] is True
+    assert next(flux.pipe.transformer.parameters()).device.type == "cpu"  # moved in only while it runs
+    offloaded.release()
+    assert torch.cuda.memory_allocated() == baseline
