@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from functools import partial
 
 FULL = dict(attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096,
             num_attention_heads=24, num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768,
@@ -254,7 +255,7 @@ def main() -> None:
         for res in res_list:
             batch = inputs(cfg, res, dev)
             try:
-                dt, peak = measure(lambda: train_step(tr, opt, batch, gen, params=params), dev, args.steps,
+                dt, peak = measure(partial(train_step, tr, opt, batch, gen, params=params), dev, args.steps,
                                    args.warmup + (2 if compiled else 0))
             except torch.OutOfMemoryError:
                 print(f"{name:34s} {res:5d}²  out of memory", flush=True)
@@ -331,7 +332,7 @@ def lowvram(cfg: dict, dev: str, res: int, steps: int, warmup: int) -> None:
                    else torch.optim.AdamW(params, lr=1e-4))
             gen = torch.Generator().manual_seed(0)
             batch = inputs(cfg, res, dev)
-            dt, peak = measure(lambda: train_step(tr, opt, batch, gen, params=params), dev, steps, warmup)
+            dt, peak = measure(partial(train_step, tr, opt, batch, gen, params=params), dev, steps, warmup)
             base = base or (dt, peak)
             print(f"{name:22s} {res:5d}² ckpt  {dt:7.3f} s/step ({dt / base[0]:4.2f}x bf16)  peak {peak:6.1f} GiB "
                   f"({peak / base[1]:4.2f}x)  setup {setup:5.1f} s", flush=True)
@@ -349,12 +350,12 @@ def run_reference(args, cfg, dev, res_list, report) -> None:
     tr.enable_gradient_checkpointing()
     for res in res_list:
         batch = inputs(cfg, res, dev)
-        report("reference (ckpt)", res, *measure(lambda: reference_step(tr, opt, batch, params), dev,
+        report("reference (ckpt)", res, *measure(partial(reference_step, tr, opt, batch, params), dev,
                                                  args.steps, args.warmup))
     if not args.skip_reference_nockpt:
         tr.disable_gradient_checkpointing()
         batch = inputs(cfg, res_list[0], dev)
-        report("reference (no ckpt)", res_list[0], *measure(lambda: reference_step(tr, opt, batch, params), dev,
+        report("reference (no ckpt)", res_list[0], *measure(partial(reference_step, tr, opt, batch, params), dev,
                                                             args.steps, args.warmup))
     del tr, params, opt
     free()
