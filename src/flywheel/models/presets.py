@@ -29,6 +29,32 @@ TINY_VERSION = "v1"
 
 
 @dataclass(frozen=True)
+class Licence:
+    """The licence of a preset's weights (and of its LoRAs), as the model card names it."""
+
+    name: str
+    url: str
+    commercial: bool  # the licence allows commercial use of the weights
+
+
+APACHE = Licence("Apache-2.0", "https://www.apache.org/licenses/LICENSE-2.0", commercial=True)
+MIT = Licence("MIT", "https://opensource.org/license/mit", commercial=True)
+FLUX1_DEV_NC = Licence("FLUX.1 [dev] Non-Commercial",
+                       "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md", commercial=False)
+FLUX_NC = Licence("FLUX Non-Commercial", "https://huggingface.co/black-forest-labs/FLUX.2-dev/blob/main/LICENSE.md",
+                  commercial=False)
+QWEN_RESEARCH = Licence("Qwen Research", "https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct/blob/main/LICENSE",
+                        commercial=False)
+# The smallest card each preset runs on (GiB of GPU memory); above the last: "> 80 GB".
+VRAM_CLASSES = (8, 16, 24, 48, 80)
+
+
+def vram_class(gib: float) -> str:
+    """The smallest card class that holds ``gib`` (a preset's bf16 estimate or measurement)."""
+    return next((f"{c} GB" for c in VRAM_CLASSES if gib <= c), f"> {VRAM_CLASSES[-1]} GB")
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     family: Family
@@ -39,10 +65,20 @@ class Preset:
     vram_gib_nf4: float | None = None
     tiny: tuple[str, str, dict[str, Any]] | None = None  # (module, builder function, kwargs)
     note: str = ""
+    licence: Licence | None = None  # None for tiny presets (random weights built here)
+    # GB (10^9 bytes) of the files the loader fetches (``hub.allow_patterns``), LoRAs included; approximate,
+    # sources in docs/models.md ("Licences, sizes, VRAM classes").
+    disk_gb: float = 0.0
+    low_vram: str = ""  # a smaller card it fits with quantization / offload, e.g. "24 GB with fp8 + cpu_offload"
 
     @property
     def role(self) -> Role:
         return ROLE_OF_FAMILY[self.family]
+
+    @property
+    def vram_class(self) -> str:
+        """The smallest card the preset runs on with its own settings (bf16, no offload); "CPU" for tiny ones."""
+        return "CPU" if self.tiny else vram_class(self.vram_gib)
 
 
 _VLM = {"max_pixels": 1024 * 1024}
@@ -60,36 +96,48 @@ _KONTEXT_TURBO = {"hub": "alimama-creative/FLUX.1-Turbo-Alpha", "weight": "diffu
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("qwen2-vl-2b", "qwen_vl", "Qwen/Qwen2-VL-2B-Instruct", settings=_VLM, vram_gib=6.1, vram_gib_nf4=3.4,
-           note="default captioner and judge"),
-    Preset("qwen2-vl-7b", "qwen_vl", "Qwen/Qwen2-VL-7B-Instruct", settings=_VLM, vram_gib=17.5, vram_gib_nf4=6.5),
-    Preset("qwen2.5-vl-3b", "qwen_vl", "Qwen/Qwen2.5-VL-3B-Instruct", settings=_VLM, vram_gib=8.5, vram_gib_nf4=3.5),
-    Preset("qwen2.5-vl-7b", "qwen_vl", "Qwen/Qwen2.5-VL-7B-Instruct", settings=_VLM, vram_gib=17.5, vram_gib_nf4=6.5),
+           note="default captioner and judge", licence=APACHE, disk_gb=4.4),
+    Preset("qwen2-vl-7b", "qwen_vl", "Qwen/Qwen2-VL-7B-Instruct", settings=_VLM, vram_gib=17.5, vram_gib_nf4=6.5,
+           licence=APACHE, disk_gb=16.6, low_vram="8 GB with nf4"),
+    Preset("qwen2.5-vl-3b", "qwen_vl", "Qwen/Qwen2.5-VL-3B-Instruct", settings=_VLM, vram_gib=8.5, vram_gib_nf4=3.5,
+           licence=QWEN_RESEARCH, disk_gb=7.5, low_vram="8 GB with nf4"),
+    Preset("qwen2.5-vl-7b", "qwen_vl", "Qwen/Qwen2.5-VL-7B-Instruct", settings=_VLM, vram_gib=17.5, vram_gib_nf4=6.5,
+           licence=APACHE, disk_gb=16.6, low_vram="8 GB with nf4"),
     Preset("qwen3-vl-8b", "qwen_vl", "Qwen/Qwen3-VL-8B-Instruct", settings=_VLM, vram_gib=19.0, vram_gib_nf4=7.0,
-           note="needs transformers>=4.57"),
+           note="needs transformers>=4.57", licence=APACHE, disk_gb=17.5, low_vram="8 GB with nf4"),
     Preset("flux-dev", "flux", "black-forest-labs/FLUX.1-dev", vram_gib=33.0,
-           settings={"num_inference_steps": 28, "guidance_scale": 3.5}, note="gated: accept the licence on the hub"),
+           settings={"num_inference_steps": 28, "guidance_scale": 3.5}, note="gated: accept the licence on the hub",
+           licence=FLUX1_DEV_NC, disk_gb=33.7, low_vram="24 GB with fp8 + cpu_offload"),
     Preset("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell", vram_gib=33.0,
-           settings={"num_inference_steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256}),
+           settings={"num_inference_steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256},
+           licence=APACHE, disk_gb=33.7, low_vram="24 GB with fp8 + cpu_offload"),
     Preset("flux-kontext-dev", "flux_kontext", "black-forest-labs/FLUX.1-Kontext-dev", vram_gib=34.0,
            settings={"num_inference_steps": 28, "guidance_scale": 2.5},
-           note="stock settings; gated: accept the licence on the hub"),
+           note="stock settings; gated: accept the licence on the hub",
+           licence=FLUX1_DEV_NC, disk_gb=33.7, low_vram="24 GB with fp8 + cpu_offload"),
     Preset("flux-kontext-dev-turbo", "flux_kontext", "black-forest-labs/FLUX.1-Kontext-dev", vram_gib=34.5,
            settings={"num_inference_steps": 8, "guidance_scale": 2.5, "loras": [_KONTEXT_TURBO]},
-           note="8 steps with FLUX.1-dev's Turbo-Alpha LoRA (not trained on Kontext: check the edits); gated"),
+           note="8 steps with FLUX.1-dev's Turbo-Alpha LoRA (not trained on Kontext: check the edits); gated",
+           licence=FLUX1_DEV_NC, disk_gb=34.4, low_vram="24 GB with fp8 + cpu_offload"),
     Preset("qwen-image-edit", "qwen_image_edit", "Qwen/Qwen-Image-Edit", vram_gib=58.0,
-           settings={"num_inference_steps": 40, "true_cfg_scale": 4.0}),
+           settings={"num_inference_steps": 40, "true_cfg_scale": 4.0},
+           licence=APACHE, disk_gb=57.7, low_vram="24 GB with nf4 + cpu_offload (estimate)"),
     Preset("qwen-image-edit-2511", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=58.0,
-           settings={"num_inference_steps": 40, "true_cfg_scale": 4.0}, note="stock settings; several references"),
+           settings={"num_inference_steps": 40, "true_cfg_scale": 4.0}, note="stock settings; several references",
+           licence=APACHE, disk_gb=57.7, low_vram="24 GB with nf4 + cpu_offload (estimate)"),
     Preset("qwen-image-edit-2511-lightning", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=58.0,
            settings={"num_inference_steps": 4, **_QWEN_FAST, "loras": [
                {"hub": _LIGHTNING, "weight": "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"}]},
-           note="default editor: 4 steps with the Lightning LoRA; not with fp8 quantization"),
+           note="default editor: 4 steps with the Lightning LoRA; not with fp8 quantization",
+           licence=APACHE, disk_gb=58.6, low_vram="24 GB with nf4 + cpu_offload (estimate)"),
     Preset("qwen-image-edit-2511-lightning-8step", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=58.0,
            settings={"num_inference_steps": 8, **_QWEN_FAST, "loras": [
                {"hub": _LIGHTNING, "weight": "Qwen-Image-Edit-2511-Lightning-8steps-V1.0-bf16.safetensors"}]},
-           note="8 steps with the 8-step Lightning LoRA; not with fp8 quantization"),
+           note="8 steps with the 8-step Lightning LoRA; not with fp8 quantization",
+           licence=APACHE, disk_gb=58.6, low_vram="24 GB with nf4 + cpu_offload (estimate)"),
     Preset("instruct-pix2pix", "instruct_pix2pix", "timbrooks/instruct-pix2pix", vram_gib=3.5,
-           settings={"num_inference_steps": 20, "guidance_scale": 7.5, "image_guidance_scale": 1.5}),
+           settings={"num_inference_steps": 20, "guidance_scale": 7.5, "image_guidance_scale": 1.5},
+           licence=MIT, disk_gb=4.3),
     # Tiny random models: same architectures, CPU-sized. Settings keep them fast (64 px, 2 steps).
     Preset("tiny-qwen2-vl", "qwen_vl", None, dtype="float32", settings={"max_pixels": 112 * 112},
            tiny=(*_TINY_VLM, {"variant": "qwen2_vl"}), note="random weights, for tests"),
