@@ -382,10 +382,11 @@ def tune_judge_cmd(ctx: click.Context, resume: bool, steps: int | None) -> None:
 
 def _attach() -> None:
     """Commands that live in their own modules (cli.py stays readable in one sitting)."""
+    from flywheel.cli_calibrate import calibrate
     from flywheel.cli_models import models
     from flywheel.cli_sets import export_cmd, freeze
 
-    for command in (models, freeze, export_cmd):
+    for command in (models, freeze, export_cmd, calibrate):
         main.add_command(command)
 
 
