@@ -126,6 +126,14 @@ class JudgeConfig(Section):
     near_duplicate_distance: int = Field(6, ge=0, le=32)
     # ...confirmed by pixels: a relit or recoloured variant keeps its phash but is not a duplicate.
     near_duplicate_max_change: float = Field(0.05, ge=0.0, le=1.0)
+    # Too close: a near or mirrored copy of a source (signals.copies) has a grey-image SSIM above this...
+    max_copy_similarity: float = Field(0.9, ge=-1.0, le=1.0)
+    # ...a median colour difference (CIE Delta E) at most this (a golden-hour relight moves colours by ~12)...
+    max_copy_color_difference: float = Field(8.0, ge=0.0)
+    # ...and, where both have a face, a face distance to that source below this (other photos: ~0.3-0.5).
+    min_face_distance_copy: float = Field(0.25, ge=0.0, le=2.0)
+    # Caption truth: the VLM's P("this caption describes this image") must be at least this.
+    min_caption_match: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class TuneJudgeConfig(Section):

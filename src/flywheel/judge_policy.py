@@ -13,7 +13,7 @@ ignored, and an answer with several candidate objects is ambiguous and counts as
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flywheel.config import JudgeConfig
@@ -28,6 +28,7 @@ class ImageScores:
     face_distance: float | None = None
     face_source_id: int | None = None
     face_note: str = ""  # why there is no face distance
+    face_distances: dict[int, float] = field(default_factory=dict)  # to each source with a face, by source id
     same_character_prob: float | None = None
     image_similarity: float | None = None  # whole-image embedding cosine to the closest source (optional)
     image_similarity_source_id: int | None = None
@@ -42,6 +43,11 @@ class ImageScores:
     dup_distance: int | None = None
     dup_of: int | None = None
     dup_change: float | None = None  # pixel change vs the phash-nearest image (None: none within the distance)
+    copy_similarity: float | None = None  # grey SSIM to the nearest source, straight or mirrored (signals.copies)
+    copy_source_id: int | None = None
+    copy_mirrored: bool = False
+    copy_color_difference: float | None = None  # median Delta E to that source
+    caption_match_prob: float | None = None  # the VLM's P("the caption describes this image")
     verdict_json: dict[str, Any] | None = None
     verdict_error: str | None = None
 
@@ -132,6 +138,14 @@ def _checks(s: ImageScores, c: JudgeConfig, *, has_vlm: bool, kind: str) -> list
               f"duplicate: near-duplicate of image #{s.dup_of} (phash distance {s.dup_distance} "
               f"<= {c.near_duplicate_distance}, {s.dup_change:.1%} of pixels differ "
               f"< {c.near_duplicate_max_change:.0%})")
+    # Too close: a near (or mirrored) copy of a source, in structure, colour and (where known) face.
+    if s.copy_similarity is not None and s.copy_color_difference is not None:
+        out.extend(_copy_check(s, c))
+    # Caption truth: a caption that does not describe the image is for a human to fix, not to train on.
+    if s.caption_match_prob is not None:
+        p = s.caption_match_prob
+        out.append(("pass", f"caption: P(describes the image) {p:.2f}") if p >= c.min_caption_match else
+                   ("unknown", f"caption: VLM P(caption describes the image) {p:.2f} < {c.min_caption_match}"))
     # The structured verdict (only its booleans are read; its reasons are quoted, never obeyed).
     if has_vlm and c.structured_verdict:
         v = s.verdict_json
@@ -148,6 +162,19 @@ def _checks(s: ImageScores, c: JudgeConfig, *, has_vlm: bool, kind: str) -> list
                       f"edit_applied: VLM verdict says not applied{why}")
             check(not v["artifacts"], "VLM verdict: no artifacts", f"quality: VLM verdict reports artifacts{why}")
     return out
+
+
+def _copy_check(s: ImageScores, c: JudgeConfig) -> list[tuple[str, str]]:
+    sim, delta_e, src = s.copy_similarity, s.copy_color_difference, s.copy_source_id
+    face = s.face_distances.get(src) if src is not None else None
+    is_copy = (sim > c.max_copy_similarity and delta_e <= c.max_copy_color_difference
+               and (face is None or face < c.min_face_distance_copy))
+    if not is_copy:
+        return [("pass", f"not a copy (SSIM {sim:.2f}, colour difference {delta_e:.1f} to source #{src})")]
+    what = "mirrored copy" if s.copy_mirrored else "near copy"
+    face_part = "" if face is None else f", face distance {face:.2f} < {c.min_face_distance_copy}"
+    return [("fail", f"copy: {what} of source #{src} (structure SSIM {sim:.2f} > {c.max_copy_similarity}, "
+                     f"colour difference {delta_e:.1f} <= {c.max_copy_color_difference}{face_part})")]
 
 
 def decide(s: ImageScores, c: JudgeConfig, *, has_vlm: bool, kind: str) -> tuple[str, str]:

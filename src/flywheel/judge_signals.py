@@ -33,6 +33,7 @@ class PixelScorer:
         self.face_scorer = f"face:{faces.EMBEDDER}"
         self.source_faces: list[tuple[int, np.ndarray]] = self._source_embeddings() if self.faces_ok else []
         self.embedder = None
+        self._copies = None  # signals.copies.SourceCopies, prepared on first use
         if jcfg.image_embedding_model != "none":
             self._load_image_embedder()
 
@@ -120,6 +121,7 @@ class PixelScorer:
                 # The closest source face is the fairest reference (sources show different angles).
                 dists = [(faces.face_distance(e, embeddings[0]), src) for src, e in self.source_faces]
                 s.face_distance, s.face_source_id = min(dists, key=lambda t: t[0])
+                s.face_distances = {src: d for d, src in dists}
                 box = boxes[0]
                 details.update(closest_source_id=s.face_source_id, mean_distance=float(np.mean([d for d, _ in dists])),
                                box=[box.left, box.top, box.right, box.bottom])
@@ -149,6 +151,26 @@ class PixelScorer:
         if row and row[0]["value"] is not None:
             s.mask_coverage, s.mask_problem = row[0]["value"], json.loads(row[0]["details_json"]).get("problem")
 
+    def _copy(self, image_id: int, image: Image.Image, s: ImageScores) -> None:
+        """Too close: structure and colour against the nearest source, straight or mirrored (``signals.copies``)."""
+        from flywheel.signals.copies import SourceCopies
+
+        if self._copies is None:
+            rows = self.project.catalog.query("SELECT id, sha256 FROM images WHERE kind = 'source' ORDER BY id")
+            self._copies = SourceCopies([(r["id"], self.project.store.open_image(r["sha256"])) for r in rows])
+        m = self._copies.nearest(image)
+        if m is None:
+            return
+        s.copy_similarity, s.copy_source_id = m.ssim, m.source_id
+        s.copy_mirrored, s.copy_color_difference = m.mirrored, m.color_difference
+        details = {**m.as_dict(), "face_distance": s.face_distances.get(m.source_id),
+                   "max_similarity": self.jcfg.max_copy_similarity,
+                   "max_color_difference": self.jcfg.max_copy_color_difference,
+                   "min_face_distance": self.jcfg.min_face_distance_copy}
+        self.record(image_id, "copy", "pixels:ssim", m.ssim, details)
+        self.record(image_id, "copy", "pixels:delta_e", m.color_difference,
+                    {"source_id": m.source_id, "mirrored": m.mirrored})
+
     # -- everything for one image -------------------------------------------------------------------
     def score(self, row: dict[str, Any], image: Image.Image) -> ImageScores:
         from flywheel.signals.change import measure_change
@@ -166,6 +188,7 @@ class PixelScorer:
             self.record(image_id, "edit_applied", "pixels:change", change.changed_fraction,
                         {**change.as_dict(), "parent_id": row["parent_id"], "min": self.jcfg.min_changed_fraction})
         self._mask_report(image_id, s)
+        self._copy(image_id, image, s)
         q = measure_quality(image)
         s.sharpness, s.noise_sigma = q.sharpness, q.noise_sigma
         self.record(image_id, "quality", "pixels:sharpness", q.sharpness,
