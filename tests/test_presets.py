@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -153,9 +154,16 @@ def test_tiny_preset_builds_once_into_the_cache_and_settings_layer(tmp_path, mon
 
 
 def test_template_documents_every_models_key():
-    data = tomllib.loads(render_config_template("A", "fw_a"))
-    assert set(data["models"]) == set(ModelsConfig.model_fields)
+    """Every [models] key is in the template; the roles commented out, so that changing the stack changes them."""
+    text = render_config_template("A", "fw_a")
+    data = tomllib.loads(text)
+    roles = {"captioner", "judge", "editor", "base"}
+    assert set(data["models"]) == set(ModelsConfig.model_fields) - roles and data["models"]["stack"] == "flux1"
     assert parse_config(data).models == ModelsConfig()
+    section = text[text.index("\n[models]\n"):text.index("\n[enrich]\n")]
+    uncommented = tomllib.loads(re.sub(r"(?m)^# ((captioner|judge|editor|base) = .*)$", r"\1", section))["models"]
+    assert set(uncommented) == set(ModelsConfig.model_fields)
+    assert parse_config({**data, "models": uncommented}).models == ModelsConfig()  # the comments show the stack's
 
 
 def test_cli_models_list_and_info(tmp_path, monkeypatch):
@@ -172,3 +180,92 @@ def test_cli_models_list_and_info(tmp_path, monkeypatch):
     missing = runner.invoke(main, ["-C", str(tmp_path), "models", "info", "qwen2-vl-7b"])
     assert missing.exit_code == 1
     assert "hf download Qwen/Qwen2-VL-7B-Instruct" in missing.output
+
+
+def test_presets_carry_licence_size_and_vram_class():
+    from flywheel.models.presets import VRAM_CLASSES
+
+    classes = {f"{c} GB" for c in VRAM_CLASSES}
+    for p in PRESETS.values():
+        if p.tiny:
+            assert p.licence is None and p.vram_class == "CPU"
+            continue
+        assert p.licence is not None and p.licence.url.startswith("https://") and p.disk_gb > 0, p.name
+        assert p.vram_class in classes and p.vram_gib <= int(p.vram_class.split()[0]), p.name
+    closed = {name for name, p in PRESETS.items() if p.licence and not p.licence.commercial}
+    assert {"flux-dev", "flux-kontext-dev", "flux-kontext-dev-turbo", "qwen2.5-vl-3b"} <= closed
+    assert not {"flux-schnell", "qwen2-vl-2b", "qwen3-vl-8b", "qwen-image-edit-2511-lightning"} & closed
+    assert (PRESETS["qwen2-vl-2b"].vram_class, PRESETS["flux-dev"].vram_class) == ("8 GB", "48 GB")
+    assert PRESETS["qwen-image-edit-2511-lightning"].vram_class == "80 GB"
+
+
+def _cached_repo(cache, repo_id: str, files: dict[str, str]) -> None:
+    """A repo in the HF cache layout `hf download` leaves: refs/main -> snapshots/<commit>/<files>."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "1" * 40
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, text in files.items():
+        path = repo / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def _table(output: str, first: str) -> dict[str, dict[str, str]]:
+    """The plain-column table whose header starts with ``first``, cut at the header's column starts."""
+    lines = output.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith(first + " "))
+    header = lines[top]
+    starts = [i for i, c in enumerate(header) if c != " " and (i == 0 or header[i - 2:i] == "  ")]
+    names = [header[a:b].strip() for a, b in zip(starts, [*starts[1:], None])]
+    rows = {}
+    for line in lines[top + 1:]:
+        if not line.strip() or line.startswith(('"', "VRAM:", "[models]")):
+            break
+        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None])]
+        rows[cells[0].split()[0]] = dict(zip(names, cells))
+    return rows
+
+
+def test_models_list_shows_licence_size_vram_and_what_the_hf_cache_holds(tmp_path, monkeypatch):
+    """Downloaded = the main snapshot has every file the loader reads (and the preset's LoRA); read offline."""
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("FLYWHEEL_CACHE", str(tmp_path / "fw"))
+    _cached_repo(cache, "Qwen/Qwen2-VL-2B-Instruct", {"config.json": "{}", "model.safetensors.index.json": json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}),
+        "model-00001-of-00002.safetensors": "", "model-00002-of-00002.safetensors": ""})
+    _cached_repo(cache, "Qwen/Qwen2-VL-7B-Instruct", {"config.json": "{}", "model.safetensors.index.json": json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}),
+        "model-00001-of-00002.safetensors": ""})  # a download that stopped after the first shard
+    index = {"transformer": ["diffusers", "FluxTransformer2DModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    _cached_repo(cache, "black-forest-labs/FLUX.1-dev", {
+        "model_index.json": json.dumps(index), "transformer/config.json": "{}",
+        "transformer/diffusion_pytorch_model.safetensors": "", "scheduler/scheduler_config.json": "{}",
+        "text_encoder/config.json": "{}", "flux1-dev.safetensors": ""})  # the text encoder's weights are missing
+    qwen_edit = {"model_index.json": json.dumps({"transformer": ["diffusers", "QwenImageTransformer2DModel"]}),
+                 "transformer/config.json": "{}", "transformer/diffusion_pytorch_model.safetensors": ""}
+    _cached_repo(cache, "Qwen/Qwen-Image-Edit-2511", qwen_edit)
+    _cached_repo(cache, "lightx2v/Qwen-Image-Edit-2511-Lightning",
+                 {"Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors": ""})  # the 4-step LoRA only
+    listing = CliRunner().invoke(main, ["models", "list"])
+    assert listing.exit_code == 0, listing.output
+    presets, stacks = _table(listing.output, "preset"), _table(listing.output, "stack")
+    assert {k: presets["qwen2-vl-2b"][k] for k in ("role", "family", "licence", "commercial", "on disk", "VRAM",
+                                                   "downloaded", "hub id")} == \
+        {"role": "vlm", "family": "qwen_vl", "licence": "Apache-2.0", "commercial": "yes", "on disk": "4.4 GB",
+         "VRAM": "8 GB", "downloaded": "yes", "hub id": "Qwen/Qwen2-VL-2B-Instruct"}
+    flux = presets["flux-dev"]
+    assert (flux["licence"], flux["commercial"], flux["on disk"], flux["VRAM"], flux["smaller card"]) == \
+        ("FLUX.1 [dev] Non-Commercial", "no", "33.7 GB", "48 GB", "24 GB with fp8 + cpu_offload")
+    downloaded = {name: row["downloaded"] for name, row in presets.items()}
+    assert downloaded["flux-dev"] == "partly" and downloaded["qwen2-vl-7b"] == "partly"
+    assert downloaded["qwen-image-edit-2511"] == downloaded["qwen-image-edit-2511-lightning"] == "yes"
+    assert downloaded["qwen-image-edit-2511-lightning-8step"] == "partly"  # its LoRA is not cached
+    assert downloaded["flux-schnell"] == downloaded["tiny-flux"] == "no"
+    assert set(PRESETS) == set(presets)
+    assert {k: stacks["flux1"][k] for k in ("captioner", "editor", "base", "[enrich] backend", "commercial")} == \
+        {"captioner": "qwen2-vl-2b", "editor": "qwen-image-edit-2511-lightning", "base": "flux-dev",
+         "[enrich] backend": "qwen-image-edit", "commercial": "no: flux-dev"}
+    assert stacks["flux1-kontext"]["commercial"] == "no: flux-dev, flux-kontext-dev"

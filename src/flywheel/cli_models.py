@@ -29,20 +29,40 @@ def _models_config(ctx: click.Context):
 
 @models.command("list")
 def models_list() -> None:
-    """The presets: name, family, hub id and approximate GPU memory."""
+    """The presets (licence, size on disk, VRAM class, downloaded or not) and the stacks."""
+    from flywheel.models.cached import download_state
     from flywheel.models.presets import PRESETS, TINY_FOR_ROLE
+    from flywheel.models.stacks import DEFAULT_STACK, STACKS
 
-    def gib(v: float | None) -> str:
-        return f"~{v:g} GiB" if v else "-"
-
-    rows = [("preset", "role", "family", "hub id", "VRAM bf16", "VRAM nf4", "note")]
-    rows += [(p.name, p.role, p.family, p.hub_id or "(built locally)", gib(p.vram_gib), gib(p.vram_gib_nf4), p.note)
-             for p in PRESETS.values()]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:  # plain columns: readable when piped, and in narrow terminals
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    rows = [("preset", "role", "family", "licence", "commercial", "on disk", "VRAM", "smaller card", "downloaded",
+             "hub id", "note")]
+    for p in PRESETS.values():
+        licence = p.licence.name if p.licence else "-"
+        commercial = "-" if p.licence is None else "yes" if p.licence.commercial else "no"
+        rows.append((p.name, p.role, p.family, licence, commercial, f"{p.disk_gb:g} GB" if p.disk_gb else "-",
+                     p.vram_class, p.low_vram or "-", download_state(p), p.hub_id or "(built locally)", p.note))
+    _columns(rows)
     roles = ", ".join(f"{role}: {name}" for role, name in TINY_FOR_ROLE.items())
     click.echo(f'"tiny" picks the tiny model for the role ({roles}). Any preset can be replaced by a local folder.')
+    click.echo("VRAM: the smallest card for the preset's own settings (bf16); smaller card: with quantization or "
+               "offload. Sizes are approximate (docs/models.md).")
+    click.echo("")
+    rows = [("stack", "captioner", "judge", "editor", "base", "[enrich] backend", "commercial", "summary")]
+    for s in STACKS.values():
+        presets = [PRESETS.get(spec) for spec in s.roles().values()]
+        closed = sorted({p.name for p in presets if p and p.licence and not p.licence.commercial})
+        commercial = ("no: " + ", ".join(closed)) if closed else "yes" if all(p and p.licence for p in presets) else "-"
+        rows.append((s.name + (" (default)" if s.name == DEFAULT_STACK else ""), s.captioner, s.judge, s.editor,
+                     s.base, s.enrich_backend, commercial, s.summary))
+    _columns(rows)
+    click.echo("[models] stack = NAME sets every role; a role set in [models] (or [enrich] backend) wins.")
+
+
+def _columns(rows: list[tuple[str, ...]]) -> None:
+    """Plain columns, the last one free text: readable when piped, and in narrow terminals."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        click.echo(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip())
 
 
 @models.command("info")

@@ -243,8 +243,13 @@ class RoleLoad(Section):
 
 
 class ModelsConfig(Section):
-    """``[models]``: which model plays each role, and how models are loaded (see docs/models.md)."""
+    """``[models]``: which model plays each role, and how models are loaded (see docs/models.md).
 
+    ``stack`` fills captioner, judge, editor and base (``flywheel.models.stacks``); a role set explicitly wins.
+    The role defaults below are the default stack's, so ``ModelsConfig()`` is the same either way.
+    """
+
+    stack: str = Field("flux1", description="Named model set for every role (`flywheel models list`).")
     captioner: str = Field("qwen2-vl-2b", description="Preset name, local folder or hub id of the captioner VLM.")
     judge: str = Field("qwen2-vl-2b", description="Preset name, local folder or hub id of the judge VLM.")
     editor: str = Field("qwen-image-edit-2511-lightning",
@@ -272,6 +277,28 @@ class ModelsConfig(Section):
         if override is not None:
             settings.update(override.model_dump(exclude_none=True))
         return settings
+
+    @field_validator("stack")
+    @classmethod
+    def _known_stack(cls, v: str) -> str:
+        from flywheel.models.stacks import STACKS, suggest_stack
+
+        if v in STACKS:
+            return v
+        close = suggest_stack(v)
+        raise ValueError(f"unknown stack '{v}'" + (f"; did you mean '{close}'?" if close else "")
+                         + f" (stacks: {', '.join(STACKS)}; `flywheel models list` shows them)")
+
+    @model_validator(mode="after")
+    def _fill_roles_from_stack(self) -> ModelsConfig:
+        """Roles not set explicitly take the stack's model (written past validate_assignment: they are
+        the stack's presets, and must stay out of ``model_fields_set`` so a later stack change still fills them)."""
+        from flywheel.models.stacks import STACKS
+
+        for key, spec in STACKS[self.stack].roles().items():
+            if key not in self.model_fields_set:
+                self.__dict__[key] = spec
+        return self
 
     @field_validator("captioner", "judge", "editor", "base")
     @classmethod
@@ -388,6 +415,15 @@ class Config(Section):
     models: ModelsConfig = ModelsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     loop: LoopConfig = LoopConfig()
+
+    @model_validator(mode="after")
+    def _enrich_backend_from_stack(self) -> Config:
+        """The [models] stack's editor needs its [enrich] backend, unless [enrich] backend is set explicitly."""
+        from flywheel.models.stacks import STACKS
+
+        if "backend" not in self.enrich.model_fields_set:
+            self.enrich.__dict__["backend"] = STACKS[self.models.stack].enrich_backend
+        return self
 
 
 def _format_errors(err: ValidationError, data: dict[str, Any], source: str) -> str:

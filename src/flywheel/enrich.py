@@ -210,7 +210,8 @@ def editor_spec(cfg: EnrichConfig, models: ModelsConfig) -> str:
     spec = models.editor
     preset = get_preset(spec, role="editor")
     if preset is not None and preset.family != BACKEND_FAMILY[cfg.backend]:
-        if spec != ModelsConfig.model_fields["editor"].default:
+        # Chosen = set in flywheel.toml and not the default; an editor the [models] stack filled in was not chosen.
+        if "editor" in models.model_fields_set and spec != ModelsConfig.model_fields["editor"].default:
             raise ConfigError(
                 f"[enrich] backend = '{cfg.backend}', but [models] editor = '{spec}' is a {preset.family} model",
                 hint=f"set [models] editor to a {cfg.backend} model (e.g. '{BACKEND_PRESET[cfg.backend]}'; "

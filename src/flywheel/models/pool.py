@@ -112,6 +112,9 @@ def recorded_load(catalog: Catalog | None, stage: str, spec: str, params: dict[s
     ``record(model_id, resolved_params)`` once the model is loaded; the row gets the seconds and GPU memory."""
     import json
 
+    from flywheel.models.licences import licence_notice
+
+    params = {**params, **licence_notice(catalog, spec, params.get("role"))}  # a non-commercial licence, once
     log.info("loading %s for %s ...", spec, stage)
     t0 = time.perf_counter()
     op = catalog.start_operation(stage, model=spec, params={"action": "load", **params}) if catalog else None

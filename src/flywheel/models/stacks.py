@@ -1,0 +1,51 @@
+"""Named model stacks: ``[models] stack = "flux1"`` picks every role's model at once.
+
+A stack names a consistent set: the captioner and judge VLM, the editor (and the ``[enrich] backend`` that
+drives it), and the base that LoRAs are trained on and generate with. Any role set explicitly in
+``flywheel.toml`` wins over the stack (``ModelsConfig`` tells set keys from defaults with pydantic's
+``model_fields_set``). The default stack is the set new projects have always had; docs/models.md gives the
+reasoning, and the licence of each stack's models.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+ROLE_KEYS = ("captioner", "judge", "editor", "base")
+
+
+@dataclass(frozen=True)
+class Stack:
+    name: str
+    captioner: str
+    judge: str
+    editor: str
+    base: str
+    enrich_backend: str  # the [enrich] backend that drives this editor
+    summary: str
+
+    def roles(self) -> dict[str, str]:
+        return {key: getattr(self, key) for key in ROLE_KEYS}
+
+
+STACKS: dict[str, Stack] = {s.name: s for s in [
+    Stack("flux1", "qwen2-vl-2b", "qwen2-vl-2b", "qwen-image-edit-2511-lightning", "flux-dev", "qwen-image-edit",
+          "Qwen-Image-Edit-2511 + 4-step Lightning LoRA, FLUX.1-dev LoRAs, Qwen2-VL-2B captions and judge "
+          "(FLUX.1-dev is non-commercial; the editor wants an 80 GB card in bf16)"),
+    Stack("flux1-kontext", "qwen2-vl-2b", "qwen2-vl-2b", "flux-kontext-dev", "flux-dev", "flux-kontext",
+          "FLUX.1 Kontext [dev] edits, FLUX.1-dev LoRAs: both fit 24 GB with fp8 + cpu_offload "
+          "(configs/examples/gpu-24gb.toml); both non-commercial"),
+    Stack("tiny", "tiny", "tiny", "tiny", "tiny", "qwen-image-edit",
+          "tiny random models of the flux1 stack's architectures, on the CPU: tests and demos only"),
+]}
+DEFAULT_STACK = "flux1"
+
+
+def get_stack(name: str) -> Stack | None:
+    return STACKS.get(name)
+
+
+def suggest_stack(name: str) -> str | None:
+    close = difflib.get_close_matches(name, list(STACKS), n=1, cutoff=0.5)
+    return close[0] if close else None
