@@ -99,3 +99,22 @@ def test_a_non_commercial_model_prints_its_licence_once_per_project(tmp_path, ca
     with open_project(roots[1]) as other:  # another project is told again
         _load(other.catalog, "flux-dev", "text_to_image")
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+
+
+def test_a_new_project_changes_every_role_by_changing_the_stack_line(tmp_path):
+    """`flywheel init` writes the roles commented out: editing `stack` is the one change; an uncommented role wins."""
+    from click.testing import CliRunner
+
+    from flywheel.cli import main
+
+    root = tmp_path / "p"
+    assert CliRunner().invoke(main, ["init", str(root), "--name", "A", "--trigger", "fw_a"]).exit_code == 0
+    toml = root / "flywheel.toml"
+    text = toml.read_text()
+    assert '\nstack = "flux1"\n' in text and '\n# judge = "qwen2-vl-2b"' in text
+    toml.write_text(text.replace('\nstack = "flux1"\n', '\nstack = "flux1-kontext"\n')
+                    .replace('\n# judge = "qwen2-vl-2b"', '\njudge = "none"'))
+    listing = CliRunner().invoke(main, ["-C", str(root), "models", "list"])
+    assert listing.exit_code == 0, listing.output
+    assert listing.output.splitlines()[-1] == ("This project: stack flux1-kontext; captioner qwen2-vl-2b, judge none, "
+                                               "editor flux-kontext-dev, base flux-dev; [enrich] backend flux-kontext.")

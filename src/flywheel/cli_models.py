@@ -12,24 +12,30 @@ def models() -> None:
     """Model presets, and what a model needs once loaded."""
 
 
-def _models_config(ctx: click.Context):
-    """The project's [models] section when there is a project here, else the defaults."""
+def _project_root(ctx: click.Context) -> Path | None:
     import os
 
-    from flywheel.config import CONFIG_FILENAME, ModelsConfig, load_config
     from flywheel.errors import ProjectNotFoundError
     from flywheel.project import find_project_root
 
     try:
-        root = find_project_root(ctx.obj["project_dir"] or Path(os.environ.get("FLYWHEEL_PROJECT", ".")))
+        return find_project_root(ctx.obj["project_dir"] or Path(os.environ.get("FLYWHEEL_PROJECT", ".")))
     except ProjectNotFoundError:
-        return ModelsConfig()
-    return load_config(root / CONFIG_FILENAME).models
+        return None
+
+
+def _models_config(ctx: click.Context):
+    """The project's [models] section when there is a project here, else the defaults."""
+    from flywheel.config import CONFIG_FILENAME, ModelsConfig, load_config
+
+    root = _project_root(ctx)
+    return ModelsConfig() if root is None else load_config(root / CONFIG_FILENAME).models
 
 
 @models.command("list")
-def models_list() -> None:
-    """The presets (licence, size on disk, VRAM class, downloaded or not) and the stacks."""
+@click.pass_context
+def models_list(ctx: click.Context) -> None:
+    """The presets (licence, size on disk, VRAM class, downloaded or not), the stacks, and this project's choice."""
     from flywheel.models.cached import download_state
     from flywheel.models.presets import PRESETS, TINY_FOR_ROLE
     from flywheel.models.stacks import DEFAULT_STACK, STACKS
@@ -56,6 +62,23 @@ def models_list() -> None:
                      s.base, s.enrich_backend, commercial, s.summary))
     _columns(rows)
     click.echo("[models] stack = NAME sets every role; a role set in [models] (or [enrich] backend) wins.")
+    project = _project_config(ctx)
+    if project is not None:
+        m = project.models
+        click.echo(f"This project: stack {m.stack}; captioner {m.captioner}, judge {m.judge}, editor {m.editor}, "
+                   f"base {m.base}; [enrich] backend {project.enrich.backend}.")
+
+
+def _project_config(ctx: click.Context):
+    """The project's whole config when there is a valid one here, else None (a listing never fails on it)."""
+    from flywheel.config import CONFIG_FILENAME, load_config
+    from flywheel.errors import ConfigError
+
+    root = _project_root(ctx)
+    try:
+        return None if root is None else load_config(root / CONFIG_FILENAME)
+    except ConfigError:
+        return None
 
 
 def _columns(rows: list[tuple[str, ...]]) -> None:
