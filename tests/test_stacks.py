@@ -92,8 +92,8 @@ def test_a_non_commercial_model_prints_its_licence_once_per_project(tmp_path, ca
         rows = [json.loads(r["params_json"]) for r in project.catalog.query(
             "SELECT params_json FROM operations WHERE kind = 'model_call' ORDER BY id")]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"model 'flux-dev' is under the {licence.name} licence, which does not allow commercial use "
-                        f"of the model: {licence.url} (shown once per project)"]
+    assert warnings == [(f"model 'flux-dev' is under the {licence.name} licence, which does not allow commercial use "
+                         f"of the model: {licence.url} (shown once per project)")]
     assert [r.get("licence_notice") for r in rows] == ["flux-dev", None, None]
     assert all(r["action"] == "load" for r in rows)
     with open_project(roots[1]) as other:  # another project is told again
