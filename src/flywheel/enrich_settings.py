@@ -15,16 +15,18 @@ from typing import Any
 from flywheel.config import EnrichConfig
 from flywheel.errors import ConfigError
 
-_GENERATIVE = frozenset({"qwen-image-edit", "flux-kontext", "instruct-pix2pix"})
+_GENERATIVE = frozenset({"qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix"})
 # [enrich] editor keys: the adapter setting each one overrides, and the backends whose pipelines read it.
+# LongCat-Image-Edit samples at ~1024² whatever it is given and has no LoRA loader; the klein pipelines have no
+# negative prompt and set their own shift.
 EDITOR_KEYS: dict[str, tuple[str, frozenset[str]]] = {
     "steps": ("num_inference_steps", _GENERATIVE),
-    "guidance": ("guidance_scale", frozenset({"flux-kontext", "instruct-pix2pix"})),
+    "guidance": ("guidance_scale", frozenset({"flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix"})),
     "true_cfg": ("true_cfg_scale", frozenset({"qwen-image-edit", "flux-kontext"})),
-    "negative_prompt": ("negative_prompt", _GENERATIVE),
-    "max_area": ("max_area", _GENERATIVE),
+    "negative_prompt": ("negative_prompt", _GENERATIVE - {"flux2-klein"}),
+    "max_area": ("max_area", _GENERATIVE - {"longcat-image-edit"}),
     "scheduler_shift": ("scheduler_shift", frozenset({"qwen-image-edit", "flux-kontext"})),
-    "loras": ("loras", _GENERATIVE),
+    "loras": ("loras", _GENERATIVE - {"longcat-image-edit"}),
 }
 
 

@@ -30,6 +30,8 @@ _PIPELINE_FAMILY = {
     "QwenImageEditPlusPipeline": "qwen_image_edit", "QwenImageEditPipeline": "qwen_image_edit",
     "StableDiffusionInstructPix2PixPipeline": "instruct_pix2pix",
     "FluxKontextPipeline": "flux_kontext", "FluxPipeline": "flux",
+    "Flux2KleinPipeline": "flux2_klein", "Flux2KleinKVPipeline": "flux2_klein",
+    "LongCatImageEditPipeline": "longcat_edit",
 }
 _ROLE_WORDS = {"vlm": "captioner/judge (a vision-language model)", "editor": "editor (an image-editing model)",
                "text_to_image": "base (a text-to-image model)"}
@@ -55,7 +57,7 @@ def load_vlm(spec: str, models_cfg: ModelsConfig | None = None, **overrides: Any
 
 
 def load_editor(spec: str, models_cfg: ModelsConfig | None = None, **overrides: Any) -> ImageEditor:
-    """Image-editing adapter (Qwen-Image-Edit(-Plus), FLUX.1 Kontext, InstructPix2Pix)."""
+    """Image-editing adapter (Qwen-Image-Edit(-Plus) and FireRed, FLUX.1 Kontext, FLUX.2 klein, LongCat, InstructPix2Pix)."""
     return load(spec, models_cfg, role="editor", **overrides)
 
 
@@ -223,8 +225,21 @@ def _flux_kontext(resolved: ResolvedModel, settings: dict[str, Any]):
     return FluxKontextEditor.from_pretrained(str(resolved.folder), **settings)
 
 
+def _editor(module: str, cls_name: str):
+    """The loader of an editor adapter class with the common ``from_pretrained(folder, model_id=, ...)``."""
+
+    def load_adapter(resolved: ResolvedModel, settings: dict[str, Any]):
+        _device_dtype(resolved, settings)
+        cls = getattr(importlib.import_module(module), cls_name)
+        return cls.from_pretrained(resolved.folder, model_id=resolved.label, **settings)
+
+    return load_adapter
+
+
 _ADAPTERS = {"qwen_vl": _qwen_vl, "qwen_image_edit": _qwen_image_edit, "instruct_pix2pix": _pix2pix,
-             "flux": _flux, "flux_kontext": _flux_kontext}
+             "flux": _flux, "flux_kontext": _flux_kontext,
+             "flux2_klein": _editor("flywheel.models.flux2_klein", "Flux2KleinEditor"),
+             "longcat_edit": _editor("flywheel.models.longcat_edit", "LongCatEditor")}
 
 
 def model_info(spec: str, models_cfg: ModelsConfig | None = None) -> dict[str, Any]:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Role = Literal["vlm", "editor", "text_to_image"]
-Family = Literal["qwen_vl", "qwen_image_edit", "instruct_pix2pix", "flux", "flux_kontext"]
+Family = Literal["qwen_vl", "qwen_image_edit", "instruct_pix2pix", "flux", "flux_kontext", "flux2_klein", "longcat_edit"]
 
 ROLE_OF_FAMILY: dict[str, Role] = {
     "qwen_vl": "vlm", "qwen_image_edit": "editor", "instruct_pix2pix": "editor", "flux_kontext": "editor",
-    "flux": "text_to_image",
+    "flux": "text_to_image", "flux2_klein": "editor", "longcat_edit": "editor",
 }
 # Bumped whenever a tiny builder changes, so stale cached tiny folders are rebuilt, not reused.
 TINY_VERSION = "v1"
@@ -93,6 +93,11 @@ _QWEN_FAST = {"true_cfg_scale": 1.0, "scheduler_shift": 3.0}
 # ships Kontext + this LoRA as its turbo workflow). Same non-commercial licence as Kontext [dev].
 _KONTEXT_TURBO = {"hub": "alimama-creative/FLUX.1-Turbo-Alpha", "weight": "diffusion_pytorch_model.safetensors",
                   "scale": 1.0}
+# FireRed publishes one distilled LoRA, for FireRed-Image-Edit-1.0 (8 steps, CFG off, the stock scheduler in its
+# model card; FireRed's `inference.py --optimized` loads it). None is published for 1.1 itself: check the edits.
+_FIRERED_LIGHTNING = {"hub": "FireRedTeam/FireRed-Image-Edit-1.0-Lightning",
+                      "weight": "FireRed-Image-Edit-1.0-Lightning-8steps-v1.0.safetensors", "scale": 1.0}
+_TINY_KLEIN = {"num_inference_steps": 2, "max_area": 64 * 64, "max_sequence_length": 32}
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("qwen2-vl-2b", "qwen_vl", "Qwen/Qwen2-VL-2B-Instruct", settings=_VLM, vram_gib=6.1, vram_gib_nf4=3.4,
@@ -153,6 +158,54 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            tiny=("flywheel.testing.tiny.flux", "build_tiny_flux", {}), note="random weights, for tests"),
     Preset("tiny-flux-kontext", "flux_kontext", None, dtype="float32", settings={**_TINY_FLUX, "auto_resize": False},
            tiny=("flywheel.testing.tiny.flux", "build_tiny_flux", {}), note="random weights, for tests"),
+    # Editors and captioners of 2026 (issue 11; sources in docs/enrich.md and docs/models.md). VRAM figures are
+    # estimates from the weights' sizes (bf16 weights + activations at 1024²), not measurements.
+    Preset("firered-image-edit-1.1", "qwen_image_edit", "FireRedTeam/FireRed-Image-Edit-1.1", vram_gib=58.0,
+           settings={"num_inference_steps": 50, "true_cfg_scale": 4.0},
+           note="stock settings; Qwen-Image-Edit-Plus architecture, several references (VRAM: estimate)",
+           licence=APACHE, disk_gb=57.7, low_vram="24 GB with nf4 + cpu_offload (estimate)"),
+    Preset("firered-image-edit-1.1-lightning", "qwen_image_edit", "FireRedTeam/FireRed-Image-Edit-1.1", vram_gib=58.0,
+           settings={"num_inference_steps": 8, "true_cfg_scale": 1.0, "loras": [_FIRERED_LIGHTNING]},
+           note="8 steps with FireRed's Lightning LoRA (published for 1.0: check the edits); not with fp8",
+           licence=APACHE, disk_gb=58.6, low_vram="24 GB with nf4 + cpu_offload (estimate)"),
+    Preset("flux2-klein-4b", "flux2_klein", "black-forest-labs/FLUX.2-klein-4B", vram_gib=17.0,
+           settings={"num_inference_steps": 4, "guidance_scale": 1.0},
+           note="distilled, 4 steps; source + references (VRAM: estimate)",
+           licence=APACHE, disk_gb=16.0, low_vram="16 GB with fp8 (estimate)"),
+    Preset("flux2-klein-base-4b-edit", "flux2_klein", "black-forest-labs/FLUX.2-klein-base-4B", vram_gib=17.0,
+           settings={"num_inference_steps": 50, "guidance_scale": 4.0},
+           note="stock settings of the undistilled base (50 steps, CFG 4): slow; the one LoRAs train on",
+           licence=APACHE, disk_gb=16.0, low_vram="16 GB with fp8 (estimate)"),
+    Preset("flux2-klein-9b", "flux2_klein", "black-forest-labs/FLUX.2-klein-9B", vram_gib=36.0,
+           settings={"num_inference_steps": 4, "guidance_scale": 1.0},
+           note="distilled, 4 steps; non-commercial (VRAM: estimate)",
+           licence=FLUX_NC, disk_gb=35.0, low_vram="24 GB with fp8 (estimate)"),
+    Preset("flux2-klein-9b-kv", "flux2_klein", "black-forest-labs/FLUX.2-klein-9b-kv", vram_gib=36.0,
+           settings={"num_inference_steps": 4},
+           note="9B trained for the references' KV cache (Flux2KleinKVPipeline); non-commercial (VRAM: estimate)",
+           licence=FLUX_NC, disk_gb=35.0, low_vram="24 GB with fp8 (estimate)"),
+    Preset("longcat-image-edit", "longcat_edit", "meituan-longcat/LongCat-Image-Edit", vram_gib=30.0,
+           settings={"num_inference_steps": 50, "guidance_scale": 4.5},
+           note="stock settings; one image per edit, no references (VRAM: estimate)",
+           licence=APACHE, disk_gb=29.3, low_vram="24 GB with cpu_offload (~18 GB per the LongCat team)"),
+    Preset("longcat-image-edit-turbo", "longcat_edit", "meituan-longcat/LongCat-Image-Edit-Turbo", vram_gib=30.0,
+           settings={"num_inference_steps": 8, "guidance_scale": 1.0},
+           note="distilled: 8 steps, CFG off; one image per edit (VRAM: estimate)",
+           licence=APACHE, disk_gb=29.3, low_vram="24 GB with cpu_offload (~18 GB per the LongCat team)"),
+    Preset("qwen3-vl-2b", "qwen_vl", "Qwen/Qwen3-VL-2B-Instruct", settings=_VLM, vram_gib=6.5, vram_gib_nf4=3.5,
+           note="needs transformers>=4.57 (VRAM: estimate)", licence=APACHE, disk_gb=4.3),
+    Preset("qwen3-vl-4b", "qwen_vl", "Qwen/Qwen3-VL-4B-Instruct", settings=_VLM, vram_gib=11.0, vram_gib_nf4=5.0,
+           note="needs transformers>=4.57 (VRAM: estimate)", licence=APACHE, disk_gb=8.9, low_vram="8 GB with nf4"),
+    Preset("tiny-qwen3-vl", "qwen_vl", None, dtype="float32", settings={"max_pixels": 112 * 112},
+           tiny=(*_TINY_VLM, {"variant": "qwen3_vl"}), note="random weights, for tests"),
+    Preset("tiny-flux2-klein", "flux2_klein", None, dtype="float32", settings=_TINY_KLEIN,
+           tiny=("flywheel.testing.tiny.flux2_klein", "build_tiny_flux2_klein", {}), note="random weights, for tests"),
+    Preset("tiny-flux2-klein-kv", "flux2_klein", None, dtype="float32", settings=_TINY_KLEIN,
+           tiny=("flywheel.testing.tiny.flux2_klein", "build_tiny_flux2_klein", {"kv": True}),
+           note="random weights, for tests"),
+    Preset("tiny-longcat-image-edit", "longcat_edit", None, dtype="float32",
+           settings={"num_inference_steps": 2, "guidance_scale": 1.0},
+           tiny=("flywheel.testing.tiny.longcat", "build_tiny_longcat_edit", {}), note="random weights, for tests"),
 ]}
 
 # "tiny" means the tiny model of the default family for whichever role asks for it.

@@ -17,6 +17,8 @@ _BUILDERS = {
     "build_tiny_qwen_image_edit": "flywheel.testing.tiny.qwen_image",
     "build_tiny_pix2pix": "flywheel.testing.tiny.pix2pix",
     "build_tiny_flux": "flywheel.testing.tiny.flux",
+    "build_tiny_flux2_klein": "flywheel.testing.tiny.flux2_klein",
+    "build_tiny_longcat_edit": "flywheel.testing.tiny.longcat",
 }
 __all__ = list(_BUILDERS)
 
