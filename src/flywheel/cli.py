@@ -144,7 +144,8 @@ def _print_ingest(result) -> None:
 
 
 @main.command()
-@click.option("--backend", type=click.Choice(["qwen-image-edit", "flux-kontext", "instruct-pix2pix", "composite"]),
+@click.option("--backend", type=click.Choice(["qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit",
+                                            "instruct-pix2pix", "composite"]),
               default=None, help="Override [enrich] backend for this run ('composite' runs on CPU, offline).")
 @click.pass_context
 def enrich(ctx: click.Context, backend: str | None) -> None:

@@ -347,7 +347,8 @@ class EditorLora(Section):
 class EnrichConfig(Section):
     """``flywheel enrich``: identity-preserving edits of every source (recipes in ``flywheel.recipes``)."""
 
-    backend: Literal["qwen-image-edit", "flux-kontext", "instruct-pix2pix", "composite"] = Field(
+    backend: Literal["qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix",
+                     "composite"] = Field(
         "qwen-image-edit", description="'composite' is the CPU editor (person segmentation + compositing)."
     )
     recipes: list[str] = Field(
