@@ -147,16 +147,28 @@ def _print_ingest(result) -> None:
 @click.option("--backend", type=click.Choice(["qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit",
                                             "instruct-pix2pix", "composite"]),
               default=None, help="Override [enrich] backend for this run ('composite' runs on CPU, offline).")
+@click.option("--fill-gaps", is_flag=True, help="Instead of [enrich] recipes, the recipes that fill the set's empty "
+              "coverage cells (`flywheel status` lists them, e.g. 'no profile views').")
 @click.pass_context
-def enrich(ctx: click.Context, backend: str | None) -> None:
+def enrich(ctx: click.Context, backend: str | None, fill_gaps: bool) -> None:
     """Edit every source with the configured recipes (new backgrounds, light, styles, angles). Resumable."""
     from flywheel.enrich import enrich as run_enrich
 
-    with _open(ctx) as project, rich_progress("enrich") as progress:
+    with _open(ctx) as project:
         cfg = project.config.enrich
         if backend is not None:
             cfg = cfg.model_copy(update={"backend": backend})
-        result = run_enrich(project, cfg, progress=progress)
+        if fill_gaps:
+            from flywheel.coverage import fill_gaps as plan_gaps
+
+            cfg, gaps = plan_gaps(project, cfg)
+            for gap, recipes in gaps:
+                click.echo(f"  {gap}: " + (", ".join(recipes) if recipes else "no shipped recipe (add photos)"))
+            if not cfg.recipes:
+                click.echo("enrich --fill-gaps: no empty coverage cell a recipe can fill; nothing to do")
+                return
+        with rich_progress("enrich") as progress:
+            result = run_enrich(project, cfg, progress=progress)
     for key, error in result.failed:
         click.secho(f"  failed  {key}: {error}", fg="red")
     click.echo(result.summary())

@@ -134,6 +134,9 @@ class JudgeConfig(Section):
     min_face_distance_copy: float = Field(0.25, ge=0.0, le=2.0)
     # Caption truth: the VLM's P("this caption describes this image") must be at least this.
     min_caption_match: float = Field(0.5, ge=0.0, le=1.0)
+    # Coverage tags (flywheel.coverage): also ask the VLM for view, framing, expression and lighting (4 questions
+    # per image that may enter the set, and per source); off: view and framing from face landmarks only.
+    coverage_questions: bool = False
 
 
 class TuneJudgeConfig(Section):

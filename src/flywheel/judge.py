@@ -14,6 +14,8 @@ its numbers. Sources are the reference set and are never judged. Criteria and sc
 - copy: grey-image SSIM and colour difference to the nearest source, straight or mirrored (``pixels:ssim``,
   ``pixels:delta_e``; ``signals.copies``): a near copy of a source is too close, however good it looks;
 - caption: the VLM's P("the caption describes this image") for an image with a caption (``vlm_pairwise``);
+- coverage (not a check): view, framing, expression and lighting tags of every judged image and source
+  (``flywheel.coverage``), from face landmarks and, with ``[judge] coverage_questions``, the VLM;
 - a structured VLM verdict (JSON with reasons, ``vlm_verdict:<model>``): its output is data, never obeyed.
 - keep: with a ``flywheel tune-judge`` adapter, its P(keep) on the question it learned from human reviews
   (``vlm_pairwise:<model>+<adapter>``; docs/tune_judge.md).
@@ -146,6 +148,7 @@ def judge(project: Project, cfg: Config | None = None, vlm: VisionLanguageModel 
 
 def _judge(project: Project, config: Config, vlm, adapter, todo, fingerprint, result, progress) -> JudgeResult:
     """Steps 2-4 of ``judge`` for the images in ``todo``, with the loaded ``vlm`` (or none)."""
+    from flywheel.coverage import CoverageTagger
     from flywheel.judge_signals import PixelScorer
     from flywheel.signals.duplicates import HashPool
 
@@ -163,6 +166,9 @@ def _judge(project: Project, config: Config, vlm, adapter, todo, fingerprint, re
                   "signals": "pixels + VLM" if vlm else "pixel signals only (no VLM configured)"}
     with catalog.operation("judge", kind="stage_run", model=vlm_id, params=run_params) as run_id:
         pixels = PixelScorer(project, jcfg, run_id)
+        tagger = CoverageTagger(project, pixels.record, jcfg.min_face_score,
+                                vlm if jcfg.coverage_questions else None, run_id)
+        tagger.tag(tagger.untagged_sources())  # sources are never judged, but they are in the set
         # Near-duplicates: each image against the sources and every earlier training candidate (smaller id)
         # this policy did not reject, needing review or not (signals.duplicates). Images are judged in id
         # order, so those verdicts are known; evaluation images are never in the set, so never in the pool.
@@ -190,6 +196,8 @@ def _judge(project: Project, config: Config, vlm, adapter, todo, fingerprint, re
                     result.verdicts.append((r["id"], verdict, reason))
                     if verdict == "rejected":
                         earlier.drop(r["id"])
+            # 5. Coverage tags (scores): landmarks for all, the VLM's only for images that may enter the set.
+            tagger.tag(images, ask=[i for i, v, _ in result.verdicts[-len(batch):] if v != "rejected"])
             progress(min(start + len(batch), len(todo)), len(todo), "judged")
     log.info("judge: %d accepted, %d rejected, %d need review (policy %s)", result.count("accepted"),
              result.count("rejected"), result.count("needs_review"), fingerprint)

@@ -1,11 +1,15 @@
-"""``flywheel status``: what the catalog holds, counted per kind, round, stage and verdict."""
+"""``flywheel status``: what the catalog holds, counted per kind, round, stage and verdict, and coverage."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flywheel.catalog.queries import LATEST_REVIEW, LATEST_VERDICT
 from flywheel.project import Project
+
+if TYPE_CHECKING:
+    from flywheel.coverage import CoverageTable
 
 @dataclass
 class Status:
@@ -18,10 +22,14 @@ class Status:
     reviews: list[tuple[str, int]] = field(default_factory=list)  # decision, count
     datasets: list[tuple[int, int, int]] = field(default_factory=list)  # version, round, members
     lora_runs: list[tuple[int, int, str]] = field(default_factory=list)  # id, round, status
+    coverage: CoverageTable | None = None  # None until the judge has tagged something (flywheel.coverage)
 
 
 def collect_status(project: Project) -> Status:
+    from flywheel.coverage import coverage_table
+
     q = project.catalog.query
+    tagged = bool(q("SELECT 1 FROM scores WHERE criterion = 'coverage' LIMIT 1"))
     return Status(
         name=project.config.project.name,
         trigger=project.config.project.trigger,
@@ -38,6 +46,7 @@ def collect_status(project: Project) -> Status:
             "SELECT d.version, d.round, COUNT(m.image_id) FROM dataset_versions d "
             "LEFT JOIN dataset_members m ON m.dataset_id = d.id GROUP BY d.id ORDER BY d.version")],
         lora_runs=[tuple(r) for r in q("SELECT id, round, status FROM lora_runs ORDER BY id")],
+        coverage=coverage_table(project) if tagged else None,
     )
 
 
@@ -70,4 +79,11 @@ def render_status(status: Status):
         parts.append(table("Dataset versions", ["version", "round", "members"], status.datasets))
     if status.lora_runs:
         parts.append(table("LoRA runs", ["run", "round", "status"], status.lora_runs))
+    if status.coverage is not None:
+        cov = status.coverage
+        parts.append(table(f"Coverage of the set ({cov.images} images: kept sources + accepted)", ["axis", "images"],
+                           cov.rows()))
+        gaps = cov.gap_messages()
+        parts.append("Missing: " + ", ".join(gaps) + " (`flywheel enrich --fill-gaps` plans recipes for them)"
+                     if gaps else "No empty coverage cells.")
     return Group(*parts)

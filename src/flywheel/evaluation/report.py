@@ -77,6 +77,8 @@ def write_report(
     if story is not None:
         payload["what_changed"] = story.sentences()
         payload["runs"] = {f"run {r.run_id}": _run_json(r) for r in (story.baseline, story.candidate)}
+        if story.coverage is not None:  # the candidate's dataset: which views, framings... it has and lacks
+            payload["coverage"] = story.coverage.as_dict()
     (folder / "metrics.json").write_text(json.dumps(strict(payload), indent=2, allow_nan=False), encoding="utf-8")
     # 3. Plots, training files copied in, image grids.
     plots = _plots(folder / "plots", baseline, candidate, comparisons)
