@@ -10,6 +10,9 @@ storage, exactly as users run it:
 - ``qwen``: Qwen-Image-Edit-2511 size: 20.4 B transformer, Qwen2.5-VL-7B text encoder, Qwen-Image VAE,
   the Plus pipeline with 2 other sources as references (``QwenImageEditor``; stock 40 steps, true CFG 4.0).
   ``--steps 8 --true-cfg 1`` is what a few-step distilled ("Lightning") LoRA runs at.
+- ``klein``: FLUX.2 [klein] 4B size: 3.88 B transformer (5 double + 20 single blocks), Qwen3-4B text encoder,
+  FLUX.2 VAE, 2 other sources as references (``Flux2KleinEditor``; distilled 4 steps, no guidance).
+  ``--steps 50`` is the undistilled base's step count (its CFG is not simulated).
 
 Tokenizers, processors and scheduler come from the tiny folders (``flywheel.testing.tiny``): only the
 sequence lengths matter for speed, and those follow the real settings (512 T5 tokens; image tokens).
@@ -18,6 +21,7 @@ and the two bars: the seed's "5 images in under 10 minutes" and our "25 edits in
 
     python benchmarks/enrich.py --backend qwen --steps 8 --true-cfg 1
     python benchmarks/enrich.py --backend kontext
+    python benchmarks/enrich.py --backend klein
     python benchmarks/enrich.py --tiny --device cpu --sources 2 --recipes 2 --steps 2   # dry run on CPU
 """
 
@@ -115,6 +119,45 @@ def qwen_editor(device: str, tiny: bool, args):
                            settings=settings)
 
 
+def klein_editor(device: str, tiny: bool, args):
+    import torch
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from flywheel.models.flux2_klein import DEFAULTS, Flux2KleinEditor
+    from flywheel.testing.tiny.flux2_klein import build_tiny_flux2_klein
+
+    folder = Path(tempfile.gettempdir()) / "fw-bench-tiny-klein"
+    if not (folder / "model_index.json").exists():
+        build_tiny_flux2_klein(folder)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    pipe = Flux2KleinPipeline.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    if not tiny:  # the FLUX.2-klein-4B config: 3.88 B transformer, Qwen3-4B (4.02 B) text encoder
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(device):
+            pipe.transformer = Flux2Transformer2DModel(
+                in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
+                joint_attention_dim=7680, guidance_embeds=False)
+            pipe.text_encoder = Qwen3ForCausalLM(Qwen3Config(
+                vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                max_position_embeddings=40960))
+            pipe.vae = AutoencoderKLFlux2()
+        torch.set_default_dtype(torch.float32)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    settings = {**DEFAULTS, "num_inference_steps": args.steps or DEFAULTS["num_inference_steps"]}
+    if tiny:
+        settings.update(max_area=64 * 64, max_sequence_length=32)
+    return Flux2KleinEditor(pipe, model_id="FLUX.2-klein-4B size, random weights" if not tiny else "tiny klein",
+                            device=device, dtype=dtype, kv_cache=False, distilled=True, cpu_offload=False,
+                            quantization="none", settings=settings)
+
+
+EDITORS = {"kontext": (kontext_editor, "flux-kontext"), "qwen": (qwen_editor, "qwen-image-edit"),
+           "klein": (klein_editor, "flux2-klein")}
+
+
 def run(backend: str, args) -> dict:
     import torch
 
@@ -126,7 +169,8 @@ def run(backend: str, args) -> dict:
 
     device = args.device
     t_build = time.perf_counter()
-    editor = (kontext_editor if backend == "kontext" else qwen_editor)(device, args.tiny, args)
+    make_editor, enrich_backend = EDITORS[backend]
+    editor = make_editor(device, args.tiny, args)
     build_s = time.perf_counter() - t_build
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "bench"
@@ -134,9 +178,8 @@ def run(backend: str, args) -> dict:
         sources = write_sample(root / "sources")[: args.sources]
         with open_project(root) as project:
             ingest(project, [str(p) for p in sources])
-            cfg = EnrichConfig(backend="flux-kontext" if backend == "kontext" else "qwen-image-edit",
-                               recipes=RECIPES[: args.recipes], seeds=1,
-                               references=args.references if backend == "qwen" else 0)
+            cfg = EnrichConfig(backend=enrich_backend, recipes=RECIPES[: args.recipes], seeds=1,
+                               references=args.references if backend in ("qwen", "klein") else 0)
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
                 torch.cuda.synchronize()
@@ -167,14 +210,14 @@ def main() -> None:
     import torch
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=["kontext", "qwen", "both"], default="both")
+    p.add_argument("--backend", choices=[*EDITORS, "both"], default="both", help="both: qwen and kontext")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny models (a CPU dry run of the code path)")
     p.add_argument("--sources", type=int, default=5)
     p.add_argument("--recipes", type=int, default=5)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the backend's stock)")
     p.add_argument("--true-cfg", type=float, default=None, help="Qwen-Image-Edit true CFG (1 = off)")
-    p.add_argument("--references", type=int, default=2, help="other sources given to Qwen-Image-Edit per edit")
+    p.add_argument("--references", type=int, default=2, help="other sources given to Qwen-Image-Edit / klein per edit")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.device.startswith("cuda"):
