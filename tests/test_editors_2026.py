@@ -44,8 +44,12 @@ class PipeSpy:
 
 
 @pytest.fixture(scope="module")
-def klein_dir():
-    return resolve("tiny-flux2-klein").folder
+def klein_dir(tmp_path_factory):
+    """The tiny-flux2-klein preset's folder: a real Flux2KleinPipeline folder with tiny random weights, built in
+    the session's tiny-model cache (conftest's, set here too: a module fixture runs before the autouse one)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLYWHEEL_CACHE", str(tmp_path_factory.getbasetemp() / "flywheel-cache"))
+        return resolve("tiny-flux2-klein").folder
 
 
 @pytest.fixture(scope="module")
