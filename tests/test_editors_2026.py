@@ -75,7 +75,7 @@ def klein_lora(klein_dir, tmp_path_factory):
 
 @pytest.fixture
 def small_longcat(monkeypatch):
-    """LongCat-Image-Edit always samples at ~1024² (VAE and transformer); 64² keeps a tiny edit well under a second."""
+    """LongCat-Image-Edit always samples at ~1024² (VAE and transformer); 64² keeps a tiny edit under a second."""
     import diffusers.pipelines.longcat_image.pipeline_longcat_image_edit as longcat
 
     real = longcat.calculate_dimensions

@@ -21,7 +21,8 @@ _GENERATIVE = frozenset({"qwen-image-edit", "flux-kontext", "flux2-klein", "long
 # negative prompt and set their own shift.
 EDITOR_KEYS: dict[str, tuple[str, frozenset[str]]] = {
     "steps": ("num_inference_steps", _GENERATIVE),
-    "guidance": ("guidance_scale", frozenset({"flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix"})),
+    "guidance": ("guidance_scale",
+                 frozenset({"flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix"})),
     "true_cfg": ("true_cfg_scale", frozenset({"qwen-image-edit", "flux-kontext"})),
     "negative_prompt": ("negative_prompt", _GENERATIVE - {"flux2-klein"}),
     "max_area": ("max_area", _GENERATIVE - {"longcat-image-edit"}),

@@ -57,7 +57,7 @@ def load_vlm(spec: str, models_cfg: ModelsConfig | None = None, **overrides: Any
 
 
 def load_editor(spec: str, models_cfg: ModelsConfig | None = None, **overrides: Any) -> ImageEditor:
-    """Image-editing adapter (Qwen-Image-Edit(-Plus) and FireRed, FLUX.1 Kontext, FLUX.2 klein, LongCat, InstructPix2Pix)."""
+    """Image-editing adapter (Qwen-Image-Edit(-Plus), FireRed, FLUX.1 Kontext, FLUX.2 klein, LongCat, pix2pix)."""
     return load(spec, models_cfg, role="editor", **overrides)
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Role = Literal["vlm", "editor", "text_to_image"]
-Family = Literal["qwen_vl", "qwen_image_edit", "instruct_pix2pix", "flux", "flux_kontext", "flux2_klein", "longcat_edit"]
+Family = Literal["qwen_vl", "qwen_image_edit", "instruct_pix2pix", "flux", "flux_kontext", "flux2_klein",
+                 "longcat_edit"]
 
 ROLE_OF_FAMILY: dict[str, Role] = {
     "qwen_vl": "vlm", "qwen_image_edit": "editor", "instruct_pix2pix": "editor", "flux_kontext": "editor",

@@ -47,7 +47,8 @@ def build_tiny_flux2_klein(folder: str | Path, *, distilled: bool = True, kv: bo
         base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
         use_dynamic_shifting=True,
     )
-    parts = {"scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tok, "transformer": transformer}
+    parts = {"scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tok,
+             "transformer": transformer}
     pipe = Flux2KleinKVPipeline(**parts) if kv else Flux2KleinPipeline(**parts, is_distilled=distilled)
     pipe.save_pretrained(folder, safe_serialization=True)
     n_params = sum(p.numel() for m in (text_encoder, vae, transformer) for p in m.parameters())
