@@ -18,8 +18,8 @@ from PIL import Image
 
 from flywheel.config import TuneJudgeConfig
 from flywheel.errors import StageError
-from flywheel.judge_tuning.dataset import load_examples, split_by_source
-from flywheel.judge_tuning.metrics import agreement, beats
+from flywheel.judge_tuning.dataset import load_examples, split_by_source, store_sides, stored_sides
+from flywheel.judge_tuning.metrics import agreement, beats, kappa_gain_interval
 from flywheel.project import init_project, open_project
 
 SIDE = 112  # the tiny VLM's pixel budget: 8x8 patches, 16 vision tokens per image
@@ -78,6 +78,26 @@ def build_reviewed_project(root: Path, sources: int = 10, edits: int = 8) -> Pat
     return root
 
 
+def record_verdicts(project, cfg, verdict_of) -> str:
+    """Verdict rows for every reviewed image, as `flywheel judge` records them under ``cfg``'s current policy.
+
+    ``verdict_of(example)`` says what the judge decided; returns the policy fingerprint.
+    """
+    from flywheel.judge_tuning.incumbent import current_policy
+
+    policy = current_policy(project, cfg)
+    with project.catalog.transaction():
+        for e in load_examples(project):
+            project.catalog.insert("verdicts", {"image_id": e.image_id, "verdict": verdict_of(e), "reason": "planted",
+                                                "policy_json": json.dumps({"fingerprint": policy})})
+    return policy
+
+
+def misses_the_patch(e) -> str:
+    """A pixel judge that does not see red patches: it accepts everything (kappa 0 against the reviewers)."""
+    return "accepted"
+
+
 def tuning_config(project, vlm_dir: Path, **overrides):
     cfg = project.config.model_copy(deep=True)
     cfg.models.judge = str(vlm_dir)
@@ -125,7 +145,9 @@ def tuned(reviewed_root, learnable_vlm_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tuned") / "proj"
     shutil.copytree(reviewed_root, root)
     with open_project(root) as project:
-        result = tune_judge(project, tuning_config(project, learnable_vlm_dir))
+        cfg = tuning_config(project, learnable_vlm_dir)
+        record_verdicts(project, cfg, misses_the_patch)
+        result = tune_judge(project, cfg)
     return root, result
 
 
@@ -205,6 +227,85 @@ def test_agreement_metrics_match_hand_computed_values():
     assert not beats({"kappa": 0.5, "accuracy": 0.7}, {"kappa": 0.5, "accuracy": 0.7})  # a tie keeps the incumbent
 
 
+def test_kappa_gain_interval_resamples_groups_and_needs_more_than_a_point_estimate():
+    human = [True, False] * 8
+    groups = [f"source:{i // 2}" for i in range(16)]  # 8 sources, one keep and one reject each
+    perfect, keep_all = [0.9, 0.1] * 8, [0.9] * 16
+    gain = kappa_gain_interval(perfect, keep_all, human, groups)
+    assert (gain.baseline, gain.candidate, gain.n) == (0.0, 1.0, 8)
+    assert gain.low == gain.high == 1.0 and gain.verdict == "better"  # every resample: kappa 1 vs 0
+    same = kappa_gain_interval(perfect, perfect, human, groups)
+    assert (same.difference, same.low, same.high) == (0.0, 0.0, 0.0) and same.verdict != "better"
+    # Two sources: the candidate is right on A and keeps all of B; the incumbent keeps all of A and errs once on B.
+    # Its pooled kappa is higher (a point-estimate win), but resampling B twice says it can be worse.
+    human = [True, False, True, False] * 2
+    groups = ["A"] * 4 + ["B"] * 4
+    candidate = [0.9, 0.1, 0.9, 0.1] + [0.9] * 4
+    incumbent = [0.9] * 4 + [0.9, 0.1, 0.1, 0.1]
+    gain = kappa_gain_interval(candidate, incumbent, human, groups)
+    assert gain.difference > 0 and agreement(candidate, human)["kappa"] > agreement(incumbent, human)["kappa"]
+    assert gain.low < 0 < gain.high and gain.verdict == "no_significant_change" and gain.n == 2
+
+
+def test_held_out_groups_are_stored_once_and_new_sources_never_move_old_ones(reviewed_root, tmp_path):
+    from flywheel.judge_tuning.dataset import _hash_side
+
+    root = _copy(reviewed_root, tmp_path)
+    with open_project(root) as project:
+        first = split_by_source(load_examples(project), 0.34, seed=0, stored=stored_sides(project))
+        assert first.new_groups == first.sides and len(first.sides) == 10  # nothing stored yet
+        with project.catalog.transaction():
+            store_sides(project, first, None)
+        stored = stored_sides(project)
+        assert stored == first.sides
+        # Three new sources are reviewed; the next attempt uses another seed and fraction.
+        new_sources = []
+        for s in range(10, 13):
+            source_id = _add(project, _character(s), "source")
+            new_sources.append(f"source:{source_id}")
+            for k in range(2):
+                edited = np.clip(_character(s).astype(np.int16) + 20 * (k + 1), 0, 255).astype(np.uint8)
+                review(project, _add(project, edited, "enriched", None, source_id), "accepted" if k else "rejected")
+        later = split_by_source(load_examples(project), 0.5, seed=9, stored=stored_sides(project))
+        assert {g: later.sides[g] for g in stored} == stored  # no stored group moved
+        assert {e.image_id for e in first.held_out} <= {e.image_id for e in later.held_out}
+        assert sorted(later.new_groups) == sorted(new_sources)
+        assert all(side == _hash_side(g, 9, 0.5) for g, side in later.new_groups.items())
+        with project.catalog.transaction():
+            store_sides(project, later, None)
+            store_sides(project, later, None)  # idempotent: a side is written once
+        assert len(stored_sides(project)) == 13
+        # Every held-out group's reviews cleared: nothing left to measure on, said plainly.
+        held_groups = {e.group for e in later.held_out}
+        for e in later.held_out:
+            review(project, e.image_id, "cleared")
+        with pytest.raises(StageError, match=f"none of today's {13 - len(held_groups)} review groups in held_out"):
+            split_by_source(load_examples(project), 0.34, seed=0, stored=stored_sides(project))
+
+
+def test_the_incumbent_is_the_newest_verdict_under_todays_policy_and_unjudged_images_are_an_error(project):
+    from flywheel.judge_tuning.incumbent import current_policy, recorded_verdicts
+
+    src = _add(project, _character(0), "source")
+    ids = [_add(project, _character(20 + i), "enriched", None, src) for i in range(3)]
+    cfg = project.config.model_copy(deep=True)
+    with pytest.raises(StageError, match="3 held-out reviewed image") as err:
+        recorded_verdicts(project, cfg, ids)
+    assert "flywheel judge" in err.value.hint
+    policy = current_policy(project, cfg)
+    old = {"fingerprint": "an-earlier-policy"}
+    rows = [(ids[0], "rejected", old), (ids[0], "accepted", {"fingerprint": policy}), (ids[0], "rejected", old),
+            (ids[1], "needs_review", {"fingerprint": policy}), (ids[2], "rejected", old)]
+    for image_id, verdict, pol in rows:
+        project.catalog.insert("verdicts", {"image_id": image_id, "verdict": verdict, "reason": "",
+                                            "policy_json": json.dumps(pol)})
+    p_keep, info = recorded_verdicts(project, cfg, ids)
+    # #1: today's policy wins over a newer row of an earlier one; #3 was only judged under an earlier policy.
+    assert p_keep == [1.0, 0.5, 0.0] and info["stale"] == 1 and info["policy"] == policy
+    cfg.judge.max_face_distance = 0.55  # another threshold is another policy: every verdict is now stale
+    assert recorded_verdicts(project, cfg, ids)[1]["stale"] == 3
+
+
 def test_training_examples_are_the_judges_own_question_with_loss_only_on_the_answer(reviewed_root, learnable_vlm_dir):
     from flywheel.config import ModelsConfig
     from flywheel.judge_tuning.dataset import answer_for, request_for
@@ -232,7 +333,12 @@ def test_tuned_judge_learns_the_reviewers_rule_and_is_promoted(tuned):
     assert r.after["kappa"] >= 0.6 and r.after["accuracy"] >= 0.8, r.after
     assert r.after["brier"] < r.before["brier"]
     assert r.losses[-1]["loss"] < r.losses[0]["loss"] / 5
-    assert r.promoted and r.incumbent_id is None and r.incumbent == r.before
+    # The incumbent is the judge's recorded verdicts (it missed every patch), not the untrained VLM.
+    assert r.incumbent["kappa"] == 0.0 and r.incumbent["verdicts"] == {"accepted": 32, "needs_review": 0, "rejected": 0}
+    assert r.incumbent["stale"] == 0 and r.incumbent_policy == r.incumbent["policy"]
+    # Promoted because the whole bootstrap interval of the kappa gain (over 4 held-out sources) is above 0.
+    assert r.gain.n == 4 and r.gain.difference == pytest.approx(r.after["kappa"]) and r.gain.low > 0
+    assert r.promoted
     assert (r.adapter_path / "adapter_model.safetensors").is_file()
     assert not list(r.adapter_path.glob("*.bin"))
     meta = json.loads((r.adapter_path / "adapter_meta.json").read_text())
@@ -241,6 +347,12 @@ def test_tuned_judge_learns_the_reviewers_rule_and_is_promoted(tuned):
     with open_project(root) as project:
         row = project.catalog.query("SELECT * FROM judge_adapters")[0]
         assert (row["status"], row["promoted"], row["data_hash"]) == ("ok", 1, r.data_hash)
+        gain = json.loads(row["metrics_json"])["kappa_gain"]
+        assert (gain["low"], gain["high"], gain["groups"], gain["confidence"]) == (r.gain.low, r.gain.high, 4, 0.95)
+        sides = project.catalog.query("SELECT group_key, side, attempt_id FROM judge_split_groups")
+        assert len(sides) == 10 and {x["attempt_id"] for x in sides} == {1}
+        held_groups = {x["group_key"] for x in sides if x["side"] == "held_out"}
+        assert held_groups == set(json.loads(row["config_json"])["held_out_groups"]) and len(held_groups) == 4
         assert project.workspace / row["path"] == r.adapter_path
         ops = project.catalog.query("SELECT kind, status, params_json FROM operations WHERE stage = 'tune_judge'")
         assert {o["status"] for o in ops} == {"ok"} and len(ops) == 4  # run, before, train, after
@@ -288,19 +400,45 @@ def test_adapters_for_another_base_or_without_safetensors_are_refused(tuned, tmp
         assert vlm.adapter is None and vlm.model_id == r.base_model
 
 
-def test_an_attempt_that_does_not_beat_the_active_adapter_is_recorded_but_not_promoted(tuned, tmp_path):
+def test_a_judge_that_only_matches_the_base_vlm_zero_shot_is_not_promoted_over_recorded_verdicts(
+        reviewed_root, learnable_vlm_dir, tmp_path):
+    from flywheel.tune_judge import tune_judge
+
+    with open_project(_copy(reviewed_root, tmp_path)) as project:
+        cfg = tuning_config(project, learnable_vlm_dir, steps=2)
+        # Today's judge catches the patch on three of every four rejected edits (kappa 0.75 on the reviews).
+        rejected = sorted(e.image_id for e in load_examples(project) if not e.keep)
+        missed = set(rejected[::4])
+        record_verdicts(project, cfg, lambda e: "accepted" if e.keep or e.image_id in missed else "rejected")
+        r = tune_judge(project, cfg)
+        measured = json.loads(project.catalog.query("SELECT metrics_json FROM judge_adapters")[0][0])["held_out"]
+    # Two small steps leave the base VLM's zero-shot answers as they were: that is all this judge knows.
+    assert max(abs(m["p_keep_after"] - m["p_keep_before"]) for m in measured) < 0.05
+    assert r.incumbent["kappa"] > 0.5 and r.after["kappa"] < 0.3
+    assert r.gain.high < 0 and not r.promoted  # the old rule compared it with the base VLM alone
+
+
+def test_later_attempts_reuse_the_stored_held_out_groups_and_compare_with_todays_verdicts(tuned, tmp_path):
     from flywheel.judge_tuning import adapters
     from flywheel.tune_judge import tune_judge
 
     root, first = tuned
     with open_project(_copy(root, tmp_path)) as project:
-        r = tune_judge(project, tuning_config(project, Path(first.base_model), steps=2))
-        assert r.incumbent_id == first.adapter_id
-        assert r.incumbent["kappa"] == pytest.approx(first.after["kappa"])  # re-measured, same held-out set
-        assert not r.promoted
+        first_held = {m["image_id"] for m in json.loads(project.catalog.query(
+            "SELECT metrics_json FROM judge_adapters")[0][0])["held_out"]}
+        # Another split seed and fraction would pick other groups; the stored ones are kept.
+        cfg = tuning_config(project, Path(first.base_model), steps=2, split_seed=7, held_out_fraction=0.6)
+        # With the promoted adapter the judge decides differently today; it was re-run and agrees with the reviewers.
+        policy = record_verdicts(project, cfg, lambda e: "accepted" if e.keep else "rejected")
+        r = tune_judge(project, cfg)
+        assert r.incumbent_policy == policy != first.incumbent_policy and r.incumbent["stale"] == 0
+        assert {m["image_id"] for m in json.loads(project.catalog.query(
+            "SELECT metrics_json FROM judge_adapters WHERE id = 2")[0][0])["held_out"]} == first_held
+        assert r.incumbent["kappa"] == 1.0 and not r.promoted
         rows = project.catalog.query("SELECT id, promoted, status FROM judge_adapters ORDER BY id")
         assert [(x["promoted"], x["status"]) for x in rows] == [(1, "ok"), (0, "ok")]
         assert adapters.resolve(project, "active", first.base_model).adapter_id == first.adapter_id
+        assert project.catalog.query("SELECT COUNT(*) FROM judge_split_groups")[0][0] == 10  # nothing added
 
 
 def test_resume_continues_exactly_where_the_attempt_stopped(reviewed_root, learnable_vlm_dir, tmp_path):
@@ -308,7 +446,9 @@ def test_resume_continues_exactly_where_the_attempt_stopped(reviewed_root, learn
 
     settings = dict(steps=4, checkpoint_every=2, batch_size=4)
     with open_project(_copy(reviewed_root, tmp_path / "a")) as project:
-        straight = tune_judge(project, tuning_config(project, learnable_vlm_dir, **settings))
+        cfg = tuning_config(project, learnable_vlm_dir, **settings)
+        record_verdicts(project, cfg, misses_the_patch)
+        straight = tune_judge(project, cfg)
 
     def stop_after_step_3(done, total, label=""):
         if done == 3:
@@ -316,6 +456,7 @@ def test_resume_continues_exactly_where_the_attempt_stopped(reviewed_root, learn
 
     with open_project(_copy(reviewed_root, tmp_path / "b")) as project:
         cfg = tuning_config(project, learnable_vlm_dir, **settings)
+        record_verdicts(project, cfg, misses_the_patch)
         with pytest.raises(KeyboardInterrupt):
             tune_judge(project, cfg, progress=stop_after_step_3)
         assert project.catalog.query("SELECT status FROM judge_adapters")[0][0] == "failed"
@@ -345,13 +486,21 @@ def test_cli_tune_judge_reports_before_after_and_the_promotion_decision(reviewed
     root = _copy(reviewed_root, tmp_path)
     _point_config_at(root, learnable_vlm_dir)
     out = CliRunner().invoke(main, ["-C", str(root), "tune-judge", "--steps", "2"])
+    assert out.exit_code == 1 and "have no judge verdict" in out.output
+    assert "Hint: run `flywheel judge` first" in out.output
+    with open_project(root) as project:
+        policy = record_verdicts(project, project.config, misses_the_patch)
+    out = CliRunner().invoke(main, ["-C", str(root), "tune-judge", "--steps", "2"])
     assert out.exit_code == 0, out.output
     counts = re.findall(r"(train|held_out) *: (\d+) keep / (\d+) reject from (\d+) source group", out.output)
     assert [c[0] for c in counts] == ["train", "held_out"]
     assert sum(int(k) + int(r) for _, k, r, _ in counts) == 80 and sum(int(g) for *_, g in counts) == 10
     assert "kappa" in out.output and "judge-lora-1-" in out.output
-    # Two steps at the default learning rate change nothing measurable: it must not replace the base judge.
-    assert "not promoted: it does not beat the base judge" in out.output
+    assert f"kappa gain over the judge's recorded verdicts (policy {policy}): " in out.output
+    assert "95% interval [" in out.output and re.search(r"over \d+ held-out group\(s\)", out.output)
+    # Two steps at the default learning rate change nothing measurable: it must not replace today's judge.
+    assert "not promoted: its kappa gain over the recorded verdicts is not above zero with 95% confidence" \
+        in out.output
     empty = tmp_path / "empty"
     init_project(empty, name="Empty", trigger="fw_empty")
     _point_config_at(empty, learnable_vlm_dir)

@@ -215,7 +215,7 @@ def render(report: CalibrationReport) -> list[str]:
                   f"  {'score bin':>21s} {'images':>6s} {'kept':>5s}  share kept by you"]
         for b in c.reliability:
             share = "" if b["share_kept"] is None else f"{b['share_kept']:.2f} " + "#" * round(20 * b["share_kept"])
-            lines.append(f"  {b['low']:>10.4g} - {b['high']:<8.4g} {b['n']:6d} {b['kept']:5d}  {share}")
+            lines.append(f"  {b['low']:>10.4g} - {b['high']:<8.4g} {b['n']:6d} {b['kept']:5d}  {share}".rstrip())
         if c.best is None:
             lines.append("  no suggestion: every reviewed image has the same score")
         elif abs(c.best_threshold - c.threshold) < 1e-12 or c.best[report.objective] <= cur[report.objective] + 1e-12:

@@ -383,14 +383,17 @@ def tune_judge_cmd(ctx: click.Context, resume: bool, steps: int | None) -> None:
         r = tune_judge(project, cfg, resume=resume, progress=progress)
     for name, c in r.balance.items():
         click.echo(f"{name:9s}: {c['keep']} keep / {c['reject']} reject from {c['groups']} source group(s)")
-    click.echo(f"{'held-out':22s} {'base judge':>11s} {'incumbent':>10s} {'this adapter':>13s}")
+    click.echo(f"{'held-out':22s} {'base judge':>11s} {'verdicts':>10s} {'this adapter':>13s}")
     for key in ("accuracy", "kappa", "reject_precision", "reject_recall", "brier", "ece"):
         click.echo(f"{key:22s} {r.before[key]:11.3f} {r.incumbent[key]:10.3f} {r.after[key]:13.3f}")
+    click.echo(f"kappa gain over the judge's recorded verdicts (policy {r.incumbent_policy}): {r.gain.difference:+.3f}, "
+               f"95% interval [{r.gain.low:+.3f}, {r.gain.high:+.3f}] over {r.gain.n} held-out group(s)")
     click.echo(f"adapter {r.adapter_id} ({r.base_model}, data {r.data_hash[:12]}): {r.adapter_path}")
     if r.promoted:
         click.secho("promoted: `flywheel judge` now uses this adapter", fg="green")
     else:
-        click.secho(f"not promoted: it does not beat {r.incumbent_id or 'the base judge'} on held-out kappa", fg="yellow")
+        click.secho("not promoted: its kappa gain over the recorded verdicts is not above zero with 95% confidence",
+                    fg="yellow")
 
 
 def _attach() -> None:

@@ -8,9 +8,11 @@ yes/no word followed by JSON with the human's reason; only the answer tokens are
 Reads top to bottom: plan (examples from the reviews, split by source image, data hash), record the
 attempt, load the judge (4-bit NF4 on CUDA: QLoRA; float32 on CPU), measure the untrained judge on the
 held-out decisions, train a LoRA with checkpoints, measure again, and save the adapter with its base
-model id, data hash and metrics. The adapter becomes the active judge only if it beats the current one
-(the active adapter, else the untrained base) on held-out Cohen's kappa (ties: accuracy). Every attempt
-is recorded, promoted or not. Human decisions are read, never written; machine scores are untouched.
+model id, data hash and metrics. The incumbent is the judge as it decides today: its recorded verdicts
+on the held-out images (``judge_tuning.incumbent``). The adapter becomes the active judge only if the
+bootstrap interval of its held-out kappa gain over those verdicts lies above zero. Held-out groups are
+stored once and reused by every later attempt. Every attempt is recorded, promoted or not, with the
+interval. Human decisions are read, never written; machine scores are untouched.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from typing import Any
 
 from flywheel.config import Config, TuneJudgeConfig
 from flywheel.errors import ConfigError, StageError
+from flywheel.evaluation.stats import Comparison
 from flywheel.judge_tuning import adapters
 from flywheel.judge_tuning.dataset import (Example, answer_for, data_hash, load_examples, request_for,
-                                        split_by_source)
-from flywheel.judge_tuning.metrics import agreement, beats
+                                        split_by_source, store_sides, stored_sides)
+from flywheel.judge_tuning.incumbent import recorded_verdicts
+from flywheel.judge_tuning.metrics import CONFIDENCE, RESAMPLES, agreement, kappa_gain_interval
 from flywheel.judge_tuning.prompt import KEEP_OPTIONS
 from flywheel.progress import ProgressFn, no_progress
 from flywheel.project import Project
@@ -46,8 +50,9 @@ class TuneJudgeResult:
     balance: dict[str, dict[str, int]]
     before: dict[str, Any]  # the untrained base judge on the held-out decisions
     after: dict[str, Any]  # this adapter on the same decisions
-    incumbent: dict[str, Any]  # what it had to beat: the active adapter's numbers, else ``before``
-    incumbent_id: str | None  # the active adapter it was compared with (None: the base)
+    incumbent: dict[str, Any]  # what it had to beat: the judge's recorded verdicts on the same decisions
+    incumbent_policy: str  # the judge policy fingerprint those verdicts were recorded under
+    gain: Comparison  # held-out kappa gain over the incumbent with its bootstrap interval (by source group)
     promoted: bool
     losses: list[dict[str, float]] = field(default_factory=list)
 
@@ -72,18 +77,24 @@ def tune_judge(project: Project, cfg: Config | None = None, *, resume: bool = Fa
     examples = load_examples(project)
     row, tcfg, resume_from = _unfinished_attempt(project, base, data_hash(examples)) if resume else \
         (None, config.tune_judge, None)
-    split = split_by_source(examples, tcfg.held_out_fraction, tcfg.split_seed, min_examples=tcfg.min_examples)
+    #    Groups keep the side they got in the first attempt that saw them; new ones get theirs by hash.
+    split = split_by_source(examples, tcfg.held_out_fraction, tcfg.split_seed, min_examples=tcfg.min_examples,
+                            stored=stored_sides(project))
     balance = split.balance()
+    # The incumbent: the judge as it decides today, i.e. its recorded verdicts on the held-out images.
+    incumbent_p, incumbent_info = recorded_verdicts(project, config, [e.image_id for e in split.held_out])
 
-    # 2. Record the attempt (a new row, or the unfinished one being resumed).
-    if row is not None:
-        attempt_id = row["id"]
-    else:
-        with catalog.transaction():
+    # 2. Record the attempt (a new row, or the unfinished one being resumed) and the sides of new groups.
+    with catalog.transaction():
+        if row is not None:
+            attempt_id = row["id"]
+        else:
             attempt_id = catalog.insert("judge_adapters", {
                 "base_model": base, "path": "", "data_hash": split.data_hash,
                 "config_json": json.dumps({"tune_judge": tcfg.model_dump(), "balance": balance,
-                                           "held_out_ids": [e.image_id for e in split.held_out]})})
+                                           "held_out_ids": [e.image_id for e in split.held_out],
+                                           "held_out_groups": sorted({e.group for e in split.held_out})})})
+        store_sides(project, split, attempt_id)
     aid = adapters.adapter_id(attempt_id, split.data_hash)
     attempt_dir = project.workspace / adapters.FOLDER / f"{attempt_id:04d}"
     attempt_dir.mkdir(parents=True, exist_ok=True)
@@ -111,23 +122,21 @@ def tune_judge(project: Project, cfg: Config | None = None, *, resume: bool = Fa
                                       len(train_set), tcfg, attempt_dir, resume_from=resume_from, progress=progress)
             # 6. After: the same held-out decisions, through the very path `flywheel judge` takes.
             after, p_after = _evaluate(project, vlm, split.held_out, run_id, f"after ({aid})")
-            incumbent, incumbent_id = before, None
-            active = adapters.active_row(project, base)
-            if active is not None:
-                incumbent_id = adapters.adapter_id(active["id"], active["data_hash"])
-                peft_model.load_adapter(str(project.workspace / active["path"]), adapter_name="incumbent",
-                                        is_trainable=False)
-                peft_model.set_adapter("incumbent")
-                incumbent, _ = _evaluate(project, vlm, split.held_out, run_id, f"incumbent ({incumbent_id})")
-                peft_model.set_adapter("default")
-            # 7. Save the adapter with its base model id, data hash and metrics; promote only if it is better.
-            promoted = beats(after, incumbent)
+            # 7. Promote only when the kappa gain over the recorded verdicts is above zero with 95% confidence
+            #    (bootstrap over held-out source groups); save the adapter with its base, data hash and metrics.
+            human = [e.keep for e in split.held_out]
+            incumbent = {**agreement(incumbent_p, human), **incumbent_info}
+            gain = kappa_gain_interval(p_after, incumbent_p, human, [e.group for e in split.held_out], seed=tcfg.seed)
+            promoted = gain.verdict == "better"
             adapter_dir = attempt_dir / "adapter"
             peft_model.save_pretrained(str(adapter_dir), safe_serialization=True, selected_adapters=["default"])
-            metrics = {"before": before, "after": after, "incumbent": incumbent, "incumbent_id": incumbent_id,
+            metrics = {"before": before, "after": after, "incumbent": incumbent,
+                       "kappa_gain": {"difference": gain.difference, "low": gain.low, "high": gain.high,
+                                      "groups": gain.n, "confidence": CONFIDENCE, "resamples": RESAMPLES},
                        "promoted": promoted, "balance": balance, "final_loss": losses[-1]["loss"] if losses else None,
-                       "held_out": [{"image_id": e.image_id, "human_keep": e.keep, "p_keep_before": pb,
-                                     "p_keep_after": pa} for e, pb, pa in zip(split.held_out, p_before, p_after)]}
+                       "held_out": [{"image_id": e.image_id, "group": e.group, "human_keep": e.keep,
+                                     "p_keep_before": pb, "p_keep_after": pa, "p_keep_incumbent": pi}
+                                    for e, pb, pa, pi in zip(split.held_out, p_before, p_after, incumbent_p)]}
             meta = {"adapter_id": aid, "base_model": base, "data_hash": split.data_hash, "attempt_id": attempt_id,
                     "question": "keep", "options": KEEP_OPTIONS, "config": tcfg.model_dump(), "metrics": metrics,
                     "quantized_base": quantized, "losses": losses}
@@ -145,10 +154,11 @@ def tune_judge(project: Project, cfg: Config | None = None, *, resume: bool = Fa
             catalog.execute("UPDATE judge_adapters SET status = 'failed' WHERE id = ? AND status = 'running'",
                             (attempt_id,))
         raise
-    log.info("tune-judge: held-out kappa %.3f -> %.3f (incumbent %.3f): %s", before["kappa"], after["kappa"],
-             incumbent["kappa"], "promoted" if promoted else "not promoted")
+    log.info("tune-judge: held-out kappa %.3f (base) -> %.3f, recorded verdicts %.3f, gain %.3f [%.3f, %.3f]: %s",
+             before["kappa"], after["kappa"], incumbent["kappa"], gain.difference, gain.low, gain.high,
+             "promoted" if promoted else "not promoted")
     return TuneJudgeResult(attempt_id, aid, adapter_dir, base, split.data_hash, balance, before, after, incumbent,
-                           incumbent_id, promoted, losses)
+                           incumbent_info["policy"], gain, promoted, losses)
 
 
 def _evaluate(project: Project, vlm, held_out: list[Example], run_id: int, label: str):

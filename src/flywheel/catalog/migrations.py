@@ -227,3 +227,20 @@ ALTER TABLE operations ADD COLUMN output_image_id INTEGER REFERENCES images(id);
 CREATE INDEX operations_output ON operations(output_image_id);
 """,
 )
+
+
+migration(
+    "m008_judge_split_groups",
+    """
+-- The train / held-out side of every review group flywheel tune-judge has seen (a source image, or a
+-- generation prompt: judge_tuning.dataset). A group gets its side once, when it first appears, and keeps
+-- it: every later attempt is measured on the same held-out groups, so an adapter is never measured on
+-- what an earlier one trained on. Rows are only ever added.
+CREATE TABLE judge_split_groups (
+    group_key     TEXT PRIMARY KEY,            -- "source:<id>", "prompt:<text>" or "image:<id>"
+    side          TEXT NOT NULL CHECK (side IN ('train', 'held_out')),
+    attempt_id    INTEGER REFERENCES judge_adapters(id),  -- the attempt that first assigned it
+    created_at    TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+""",
+)

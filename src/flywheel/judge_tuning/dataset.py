@@ -5,6 +5,10 @@ One example per edited or generated image whose newest human review is ``accepte
 the source it was edited from, else the source the judge found its face closest to, else the first
 source. Examples are grouped by the source they descend from (generated images, which have no source,
 by their prompt), and whole groups go to held-out, so no edit of a held-out source is ever trained on.
+
+The side of each group is stored once (catalog table ``judge_split_groups``) and reused by every later
+attempt: the first attempt fills held-out in a seeded hash order, a group seen later goes to held-out
+when its own seeded hash falls under ``held_out_fraction``, and no stored group ever changes side.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flywheel.errors import StageError
 from flywheel.judge_tuning.prompt import keep_answer, keep_request, recipe_of
@@ -41,6 +45,8 @@ class SplitData:
     train: list[Example]
     held_out: list[Example]
     data_hash: str
+    sides: dict[str, str] = field(default_factory=dict)  # group -> "train" / "held_out", every group here
+    new_groups: dict[str, str] = field(default_factory=dict)  # the groups not stored yet, with their side
 
     def balance(self) -> dict[str, dict[str, int]]:
         """Class balance per split (a judge that says "keep" to everything looks good on 90% keeps)."""
@@ -114,9 +120,31 @@ def data_hash(examples: list[Example]) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
+def stored_sides(project: Project) -> dict[str, str]:
+    """The side every group got when it first appeared (``judge_split_groups``)."""
+    return {r["group_key"]: r["side"] for r in project.catalog.query("SELECT group_key, side FROM judge_split_groups")}
+
+
+def store_sides(project: Project, split: SplitData, attempt_id: int) -> None:
+    """Record the sides of the groups first seen by this attempt (call inside a transaction); never moves one."""
+    for group, side in sorted(split.new_groups.items()):
+        project.catalog.execute("INSERT OR IGNORE INTO judge_split_groups (group_key, side, attempt_id) "
+                                "VALUES (?, ?, ?)", (group, side, attempt_id))
+
+
+def _hash_side(group: str, seed: int, held_out_fraction: float) -> str:
+    """A new group's side from its own seeded hash: stable, and independent of every other group."""
+    u = int(hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()[:12], 16) / 16**12
+    return "held_out" if u < held_out_fraction else "train"
+
+
 def split_by_source(examples: list[Example], held_out_fraction: float, seed: int, *,
-                    min_examples: int = 2) -> SplitData:
-    """Whole groups to held-out, in a seeded hash order, until it holds ``held_out_fraction`` of the examples."""
+                    min_examples: int = 2, stored: dict[str, str] | None = None) -> SplitData:
+    """Whole groups to train or held-out; ``stored`` sides are kept, new groups get theirs by hash.
+
+    With nothing stored (the first attempt), whole groups go to held-out in a seeded hash order until it
+    holds ``held_out_fraction`` of the examples, and the last group always trains.
+    """
     if len(examples) < min_examples:
         raise StageError(f"only {len(examples)} reviewed image(s) have an accepted/rejected decision; "
                          f"tuning the judge needs at least {min_examples}",
@@ -128,14 +156,23 @@ def split_by_source(examples: list[Example], held_out_fraction: float, seed: int
         raise StageError(f"all {len(examples)} reviewed images descend from one source ({next(iter(groups))}), "
                          "so no held-out set can be kept apart from training",
                          hint="review edits of at least two different source images")
-    order = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
-    held, target = [], held_out_fraction * len(examples)
-    for g in order[:-1]:  # the last group always trains
-        if len(held) >= target:
-            break
-        held.extend(groups[g])
-    held_ids = {e.image_id for e in held}
-    split = SplitData([e for e in examples if e.image_id not in held_ids], held, data_hash(examples))
+    stored = stored or {}
+    if stored:
+        sides = {g: stored.get(g) or _hash_side(g, seed, held_out_fraction) for g in groups}
+    else:
+        order = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+        sides, held_count, target = {}, 0, held_out_fraction * len(examples)
+        for g in order:
+            last = g == order[-1]  # the last group always trains
+            sides[g] = "held_out" if held_count < target and not last else "train"
+            held_count += len(groups[g]) if sides[g] == "held_out" else 0
+    for side in ("train", "held_out"):
+        if side not in sides.values():
+            raise StageError(f"the stored judge split puts none of today's {len(groups)} review groups in {side}",
+                             hint="review edits of more source images (new sources are split by a stable hash)")
+    held = [e for e in examples if sides[e.group] == "held_out"]
+    split = SplitData([e for e in examples if sides[e.group] == "train"], held, data_hash(examples), sides,
+                      {g: s for g, s in sides.items() if g not in stored})
     balance = split.balance()
     log.info("tune-judge: %d train / %d held-out examples, class balance %s", len(split.train), len(held), balance)
     for name, counts in balance.items():

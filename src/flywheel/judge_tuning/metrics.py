@@ -4,11 +4,21 @@ The positive class of precision / recall is "reject" (the judge's job is to catc
 prediction is "keep" when P(keep) >= 0.5. Cohen's kappa corrects accuracy for chance (a judge that keeps
 everything on 80% keeps has 0.8 accuracy and kappa 0); it is 0 when chance agreement is total.
 Calibration: Brier score (mean squared error of P(keep)) and expected calibration error over 10 bins.
+
+Promotion asks whether a kappa gain is more than luck: ``kappa_gain_interval`` is the paired bootstrap of
+``flywheel.evaluation.stats`` applied to kappa, resampling held-out groups (a source's edits are not
+independent of each other) and computing both judges' kappa on the same resampled decisions.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flywheel.evaluation.stats import Comparison
+
+RESAMPLES = 2000
+CONFIDENCE = 0.95
 
 
 def agreement(p_keep: list[float], human_keep: list[bool], *, threshold: float = 0.5, bins: int = 10) -> dict[str, Any]:
@@ -46,3 +56,50 @@ def beats(candidate: dict[str, Any], incumbent: dict[str, Any]) -> bool:
     if abs(candidate["kappa"] - incumbent["kappa"]) > 1e-9:
         return candidate["kappa"] > incumbent["kappa"]
     return candidate["accuracy"] > incumbent["accuracy"] + 1e-9
+
+
+def kappa_gain_interval(candidate: list[float], incumbent: list[float], human_keep: list[bool], groups: list[str], *,
+                        threshold: float = 0.5, resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
+                        seed: int = 0) -> Comparison:
+    """Bootstrap interval of kappa(candidate) - kappa(incumbent) on the same decisions, resampling groups.
+
+    Each resample draws as many groups as there are, with replacement, and pools their decisions; both
+    judges are scored on that same pool (paired). With a single group the decisions themselves are
+    resampled. The returned ``Comparison`` (baseline: incumbent kappa) has ``verdict == "better"`` only
+    when the whole interval is above zero.
+    """
+    import numpy as np
+
+    from flywheel.evaluation.stats import Comparison
+
+    if not (len(candidate) == len(incumbent) == len(human_keep) == len(groups)) or not groups:
+        raise ValueError("need one candidate, incumbent, decision and group per held-out example")
+    keys = groups if len(set(groups)) > 1 else [str(i) for i in range(len(groups))]  # one group: its decisions
+    units = sorted(set(keys))
+    index = {u: i for i, u in enumerate(units)}
+    unit_of = [index[k] for k in keys]
+    h = np.array(human_keep, dtype=bool)
+
+    def per_unit(p: list[float]) -> np.ndarray:
+        """(units x 4): decisions, agreements, predicted keeps, human keeps."""
+        pred = np.array(p) >= threshold
+        out = np.zeros((len(units), 4))
+        np.add.at(out, unit_of, np.stack([np.ones(len(h)), pred == h, pred, h], axis=1))
+        return out
+
+    def kappa(totals: np.ndarray) -> np.ndarray:
+        n = totals[..., 0]
+        po, pk_pred, pk_true = totals[..., 1] / n, totals[..., 2] / n, totals[..., 3] / n
+        chance = pk_pred * pk_true + (1 - pk_pred) * (1 - pk_true)
+        return np.where(chance < 1.0, (po - chance) / np.where(chance < 1.0, 1 - chance, 1.0), 0.0)
+
+    cand, inc = per_unit(candidate), per_unit(incumbent)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(units), size=(resamples, len(units)))
+    weights = np.zeros((resamples, len(units)))
+    np.add.at(weights, (np.arange(resamples)[:, None], draws), 1.0)
+    gains = kappa(weights @ cand) - kappa(weights @ inc)
+    alpha = (1.0 - confidence) / 2
+    low, high = np.quantile(gains, [alpha, 1 - alpha])
+    k_cand, k_inc = float(kappa(cand.sum(axis=0))), float(kappa(inc.sum(axis=0)))
+    return Comparison(k_inc, k_cand, k_cand - k_inc, float(low), float(high), len(units))
