@@ -106,3 +106,21 @@ def test_no_reviews_is_an_error_with_what_to_do_and_no_scores_says_judge_first(p
     report = calibrate(project)
     assert report.checks == [] and report.verdicts is None
     assert render(report)[-1] == "no reviewed image has a score from a thresholded check yet: run `flywheel judge`"
+
+
+def test_the_copy_check_is_calibrated_in_its_direction_too_close_fails(project, add_image):
+    rng = np.random.default_rng(2)
+    src = add_image(Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)))
+    ids = [add_image(Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)), kind="enriched", parent=src)
+           for _ in range(4)]
+    # Structure SSIM to the nearest source; the two near copies were rejected. Passing means SSIM <= 0.9.
+    for image_id, ssim, decision in zip(ids, [0.95, 0.97, 0.5, 0.92], ["rejected", "rejected", "accepted", "accepted"]):
+        project.catalog.insert("scores", {"image_id": image_id, "criterion": "copy", "scorer": "pixels:ssim",
+                                          "value": ssim})
+        project.catalog.insert("reviews", {"image_id": image_id, "decision": decision, "reviewer": "t"})
+    (copy,) = calibrate(project).checks
+    assert copy.check.key == "max_copy_similarity" and copy.threshold == 0.9
+    # At 0.9 only the 0.5 image passes: 3/4 agree, chance 0.5, kappa 0.5; 0.935 separates them all.
+    assert copy.current["agreement"] == pytest.approx(3 / 4) and copy.current["kappa"] == pytest.approx(0.5)
+    assert copy.current["reject_precision"] == pytest.approx(2 / 3) and copy.current["reject_recall"] == 1.0
+    assert copy.best_threshold == pytest.approx(0.935) and copy.best["kappa"] == pytest.approx(1.0)

@@ -49,6 +49,12 @@ CHECKS = (
     Check("quality", "pixels:noise", "max_noise_sigma", False, False, "noise sigma"),
     Check("quality", "vlm_pairwise:", "max_artifact_prob", False, True, "VLM P(artifacts)"),
     Check("keep", "vlm_pairwise:", "min_keep_prob", True, True, "tuned judge P(keep)"),
+    # The copy check fails only when structure, colour (and face, where known) all say "copy": each of its
+    # scores is calibrated on its own here, as if it decided alone.
+    Check("copy", "pixels:ssim", "max_copy_similarity", False, False, "structure SSIM to the nearest source"),
+    Check("copy", "pixels:delta_e", "max_copy_color_difference", True, False, "colour difference to that source"),
+    # A caption mismatch asks for review rather than rejecting; it is still a "not as it is" call to compare.
+    Check("caption", "vlm_pairwise:", "min_caption_match", True, True, "VLM P(caption describes the image)"),
 )
 
 
