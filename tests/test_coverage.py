@@ -106,6 +106,11 @@ def test_vlm_tags_cover_expression_and_lighting_and_win_over_landmarks(project, 
     row = project.catalog.query("SELECT value, details_json FROM scores WHERE image_id = ? AND scorer = "
                                 "'vlm_choice:scripted-vlm' AND json_extract(details_json, '$.axis') = 'view'", (edit,))
     assert row[0]["value"] == pytest.approx(0.7) and json.loads(row[0]["details_json"])["tag"] == "three-quarter"
+    # Another policy judges the edit again; the source already has its tags and is not asked again.
+    cfg.judge.min_sharpness = 0.0004
+    again = ScriptedVLM().enqueue_probabilities([answer] * 7)
+    judge(project, cfg, vlm=again)
+    assert again.pending == (0, 0) and len(again.calls) == 7  # 3 checks + 4 tags of the edit; none of the source
 
 
 @pytest.mark.parametrize("turn, view", [(0.02, "frontal"), (-0.3, "three-quarter"), (0.5, "three-quarter"),

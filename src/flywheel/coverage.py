@@ -79,22 +79,27 @@ class CoverageTagger:
         self.vlm, self.run_id = vlm, run_id
         self.faces_ok = faces.available()
 
-    def untagged_sources(self) -> dict[int, Image.Image]:
-        """Kept sources without tags from this tagger's scorers yet (sources are never judged: tag them once)."""
-        scorers = [LANDMARKS] + ([f"vlm_choice:{self.vlm.model_id}"] if self.vlm is not None else [])
-        out = {}
+    def tag_sources(self) -> None:
+        """Tag the kept sources that lack tags from this tagger (sources are never judged, but are in the set)."""
+        vlm_scorer = f"vlm_choice:{self.vlm.model_id}" if self.vlm is not None else None
+        images, landmarks, ask = {}, [], []
         for r in self.project.catalog.query(KEPT_SOURCES):
             have = {row[0] for row in self.project.catalog.query(
                 "SELECT DISTINCT scorer FROM scores WHERE image_id = ? AND criterion = 'coverage'", (r["id"],))}
-            if not set(scorers) <= have:
-                out[r["id"]] = self.project.store.open_image(r["sha256"])
-        return out
+            if LANDMARKS not in have:
+                landmarks.append(r["id"])  # a faceless source is looked at again (cheap: no face, no detection)
+            if vlm_scorer and vlm_scorer not in have:
+                ask.append(r["id"])
+            if r["id"] in landmarks or r["id"] in ask:
+                images[r["id"]] = self.project.store.open_image(r["sha256"])
+        self.tag(images, ask=ask, landmarks=landmarks)
 
-    def tag(self, images: dict[int, Image.Image], ask: list[int] | None = None) -> None:
-        """Landmark tags for every image; the VLM (if any) is asked about ``ask`` (default: all of them)."""
+    def tag(self, images: dict[int, Image.Image], ask: list[int] | None = None,
+            landmarks: list[int] | None = None) -> None:
+        """Landmark tags for ``landmarks`` and VLM tags (if any VLM) for ``ask``; both default to all ``images``."""
         if self.faces_ok:
-            for image_id, image in images.items():
-                self._landmarks(image_id, image)
+            for image_id in (list(images) if landmarks is None else landmarks):
+                self._landmarks(image_id, images[image_id])
         ask = list(images) if ask is None else ask
         if self.vlm is not None and ask:
             self._ask({i: images[i] for i in ask})

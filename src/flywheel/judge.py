@@ -168,7 +168,7 @@ def _judge(project: Project, config: Config, vlm, adapter, todo, fingerprint, re
         pixels = PixelScorer(project, jcfg, run_id)
         tagger = CoverageTagger(project, pixels.record, jcfg.min_face_score,
                                 vlm if jcfg.coverage_questions else None, run_id)
-        tagger.tag(tagger.untagged_sources())  # sources are never judged, but they are in the set
+        tagger.tag_sources()  # sources are never judged, but they are in the set
         # Near-duplicates: each image against the sources and every earlier training candidate (smaller id)
         # this policy did not reject, needing review or not (signals.duplicates). Images are judged in id
         # order, so those verdicts are known; evaluation images are never in the set, so never in the pool.
