@@ -53,7 +53,7 @@ def test_the_sample_character_lacks_angles_and_framings_and_status_says_which(pr
     out = CliRunner().invoke(main, ["-C", str(project.root), "status"])
     assert out.exit_code == 0, out.output
     assert "Coverage of the set (6 images" in out.output and "no profile views" in out.output
-    assert "expression" in out.output and "not tagged" in out.output  # no VLM asked: unknown, not empty
+    assert "not tagged (needs [judge] coverage_questions = true)" in " ".join(out.output.split())
 
 
 def test_fill_gaps_plans_the_recipes_for_the_empty_cells(project, sample_judged):

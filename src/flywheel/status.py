@@ -81,8 +81,10 @@ def render_status(status: Status):
         parts.append(table("LoRA runs", ["run", "round", "status"], status.lora_runs))
     if status.coverage is not None:
         cov = status.coverage
+        from rich.markup import escape
+
         parts.append(table(f"Coverage of the set ({cov.images} images: kept sources + accepted)", ["axis", "images"],
-                           cov.rows()))
+                           [(axis, escape(text)) for axis, text in cov.rows()]))  # "[judge]" is not markup
         gaps = cov.gap_messages()
         parts.append("Missing: " + ", ".join(gaps) + " (`flywheel enrich --fill-gaps` plans recipes for them)"
                      if gaps else "No empty coverage cells.")
