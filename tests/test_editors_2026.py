@@ -179,7 +179,7 @@ def _add_sources(project, n=3):
     return ids
 
 
-def _cli_enrich(project, backend: str, editor: str):
+def _cli_enrich(project, backend: str, editor: str, enrich_lines: str = ""):
     from click.testing import CliRunner
 
     from flywheel.cli import main
@@ -188,7 +188,7 @@ def _cli_enrich(project, backend: str, editor: str):
     toml = project.root / "flywheel.toml"
     text = toml.read_text(encoding="utf-8")
     start = text.index("\nrecipes = [", text.index("[enrich]"))
-    text = text[:start] + '\nrecipes = ["studio"]' + text[text.index("\n", start + 1):]
+    text = text[:start] + '\nrecipes = ["studio"]' + enrich_lines + text[text.index("\n", start + 1):]
     text = text.replace("\n[models]\n", f'\n[models]\neditor = "{editor}"\n', 1)
     toml.write_text(text, encoding="utf-8")
     return CliRunner().invoke(main, ["-C", str(project.root), "enrich", "--backend", backend])
@@ -198,7 +198,7 @@ def test_flywheel_enrich_with_klein_edits_each_source_with_references(project):
     from flywheel.project import open_project
 
     sources = _add_sources(project)
-    out = _cli_enrich(project, "flux2-klein", "tiny-flux2-klein")
+    out = _cli_enrich(project, "flux2-klein", "tiny-flux2-klein", "\nsteps = 3\nguidance = 1.0")
     assert out.exit_code == 0, out.output
     assert "enrich (flux2-klein): 3 edits planned; 3 new, 0 already done" in out.output
     p = open_project(project.root)
@@ -208,8 +208,9 @@ def test_flywheel_enrich_with_klein_edits_each_source_with_references(project):
         assert len(rows) == 3
         for row in rows:
             params = json.loads(row["params_json"])
-            assert row["work_key"].endswith(":flux2-klein=tiny-flux2-klein")
-            assert params["editor"]["family"] == "flux2_klein" and params["editor"]["num_inference_steps"] == 2
+            # [enrich] settings other than the preset's (steps 3, not 2) are other work: a tagged work key.
+            assert ":flux2-klein=tiny-flux2-klein+" in row["work_key"]
+            assert params["editor"]["family"] == "flux2_klein" and params["editor"]["num_inference_steps"] == 3
             assert params["pipeline_prompt"].startswith(params["prompt"].rstrip(".") + ". Keep the person from image 1")
             roles = p.catalog.query("SELECT parent_id, role FROM image_parents WHERE image_id = ?", (row["image_id"],))
             assert sorted(r["role"] for r in roles) == ["reference", "reference", "source"]
