@@ -147,3 +147,19 @@ def test_evaluation_images_are_not_captioned(project, three_images):
         project.catalog.execute("UPDATE images SET purpose = 'eval' WHERE id = ?", (b,))
     result = caption(project, with_caption(project, mode="template"), vlm=ScriptedVLM())
     assert sorted(i for i, _ in result.written) == [src, a]
+
+
+def test_a_camera_edit_states_its_angle_even_when_the_vlm_leaves_it_out(project, add_image):
+    src = add_image(Image.new("RGB", (64, 64), (200, 30, 30)))
+    left = {"recipe": "left_view", "axis": "camera", "caption": "seen from slightly to the left",
+            "prompt": "Change camera angle to slightly left view, maintain character appearance."}
+    turned = add_image(Image.new("RGB", (64, 64), (30, 200, 30)), "enriched", parent=src, params=left)
+    said = add_image(Image.new("RGB", (64, 64), (30, 30, 200)), "enriched", parent=src, params=left)
+    beach = add_image(Image.new("RGB", (64, 64), (90, 90, 30)), "enriched", parent=src, params=EDIT)
+    caption(project, vlm=ScriptedVLM().enqueue(["fw_test, the source photo", "fw_test in a red studio.",
+                                                "fw_test seen from slightly to the left, studio light",
+                                                "fw_test on a beach"]))
+    got = captions(project)
+    assert got[turned][0] == "fw_test in a red studio, seen from slightly to the left"
+    assert got[said][0] == "fw_test seen from slightly to the left, studio light"  # already said: unchanged
+    assert got[beach][0] == "fw_test on a beach"  # not a camera edit

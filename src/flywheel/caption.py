@@ -120,6 +120,15 @@ def template_caption(trigger: str, kind: str, params: dict[str, Any]) -> str:
     return f"{trigger}, {clause}"
 
 
+def with_camera_angle(text: str, made_with: dict[str, Any]) -> str:
+    """An edit from a camera recipe states its angle in the caption ("seen from slightly to the left"), also
+    when the VLM did not say it: the angle is what varies, so the caption must carry it (coverage, issue 16)."""
+    angle = str(made_with.get("caption") or "").strip().rstrip(".")
+    if made_with.get("axis") != "camera" or not angle or angle.lower() in text.lower():
+        return text
+    return f"{text.rstrip().rstrip('.')}, {angle}"
+
+
 def pending_images(project: Project, policy: str) -> list[dict[str, Any]]:
     """Training images without a caption from this policy, without a human caption, and not rejected."""
     rows = project.catalog.query(
@@ -215,8 +224,10 @@ def _write_caption(project: Project, row: dict[str, Any], answer: str | None, tr
                 action = "stripped" if ccfg.strip_identity_traits else "kept (set caption.strip_identity_traits)"
                 log.warning("caption: image %d mentions identity traits %s: %s", image_id, found, action)
                 result.flagged_traits[image_id] = found
+    made_with = json.loads(row["made_with"]) if row["made_with"] else {}
+    if text is not None:
+        text = with_camera_angle(text, made_with)
     if text is None and (ccfg.mode == "template" or ccfg.template_fallback):
-        made_with = json.loads(row["made_with"]) if row["made_with"] else {}
         text, source, op_id = template_caption(trigger, row["kind"], made_with), "template", run_id
     if text is None:
         result.failed.append(image_id)
