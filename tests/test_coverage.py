@@ -157,4 +157,7 @@ def test_the_report_names_the_gaps_of_the_dataset_it_trained_on(project, sample_
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["coverage"]["missing"][:2] == ["no three-quarter views", "no profile views"]
     assert metrics["coverage"]["counts"]["view"]["frontal"] == 6
-    assert "no profile views" in index.read_text()
+    html = index.read_text()
+    assert "no profile views" in html
+    assert "<h2>Coverage of " in html
+    assert "<tr><td>view</td><td>frontal 6, three-quarter 0, profile 0, back 0</td></tr>" in html

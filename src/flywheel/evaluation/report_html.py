@@ -43,7 +43,10 @@ def page(title, baseline, candidate, comparisons, primary, verdict, plots, notes
         parts.append("<ul class='note'>" + "".join(f"<li><b>{e(METRICS[m][1])}</b>: {e(t)}</li>"
                                                   for m, t in notes.items()) + "</ul>")
     if story is not None:
-        parts += ["<h2>Training sets</h2>", _composition(story), "<h2>Training</h2>",
+        parts += ["<h2>Training sets</h2>", _composition(story)]
+        if story.coverage is not None:
+            parts += [f"<h2>Coverage of {e(story.candidate.label)}</h2>", _coverage(story.coverage)]
+        parts += ["<h2>Training</h2>",
                   "<div class='runs'>" + "".join(_run(r, training.get(r.run_id, {}))
                                                  for r in (story.baseline, story.candidate)) + "</div>"]
     parts += ["<h2>Held-out renders</h2>", _pairs(baseline, candidate, grids),
@@ -101,6 +104,15 @@ def _composition(story: Story) -> str:
             f"under every criterion it names)</th><th>for example</th></tr>{rows}</table>"
             "<p class='note'>Sources are in unless a reviewer left one out. Other images are in when a reviewer "
             "accepted them, or when no reviewer decided and the judge accepted them.</p>")
+
+
+def _coverage(table) -> str:
+    """Views, framings, expressions and lighting the candidate's set holds (flywheel.coverage), and its gaps."""
+    rows = "".join(f"<tr><td>{e(axis)}</td><td>{e(text)}</td></tr>" for axis, text in table.rows())
+    gaps = table.gap_messages()
+    missing = (f"<p class='changed'>Missing: {e(', '.join(gaps))}. `flywheel enrich --fill-gaps` plans recipes for "
+               "them.</p>") if gaps else "<p class='note'>No empty cells.</p>"
+    return f"<table><tr><th>axis</th><th>images per tag</th></tr>{rows}</table>{missing}"
 
 
 def _example(x) -> str:
