@@ -242,21 +242,27 @@ def tiny_pix2pix_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen_image_lora(tiny_qwen_image_edit_dir, tmp_path_factory) -> Path:
     """A diffusers-format LoRA file for the tiny Qwen-Image-Edit transformer, with weights that change edits."""
-    import torch
     from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+
+    tr = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_image_edit_dir, subfolder="transformer")
+    return write_biting_lora(tr, QwenImageEditPlusPipeline, tmp_path_factory.mktemp("qwen-lora"))
+
+
+def write_biting_lora(transformer, pipeline_cls, out: Path) -> Path:
+    """A diffusers-format LoRA file for ``transformer`` whose weights change the output clearly (gaussian init
+    leaves B at zero, a no-op LoRA, so B is drawn too): what the editor-LoRA tests load."""
+    import torch
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    tr = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_image_edit_dir, subfolder="transformer")
     torch.manual_seed(2)
-    tr.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():  # gaussian init leaves B at zero (a no-op LoRA); make it bite
-        for name, p in tr.named_parameters():
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 2.0)
-    out = tmp_path_factory.mktemp("qwen-lora")
-    QwenImageEditPlusPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(tr))
+    pipeline_cls.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(transformer))
     return out / "pytorch_lora_weights.safetensors"
 
 

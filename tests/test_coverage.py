@@ -8,16 +8,9 @@ import json
 import pytest
 
 from flywheel.judge import judge
+from test_judge import pixel_only
 
 EDIT = {"recipe": "backdrop", "prompt": "change the background to a cool blue studio backdrop"}
-
-
-def pixel_only(project, **judge_settings):
-    cfg = project.config.model_copy(deep=True)
-    cfg.models.judge = "none"
-    for key, value in judge_settings.items():
-        setattr(cfg.judge, key, value)
-    return cfg
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from flywheel.images import phash, phash_hex, pixel_sha256
 from flywheel.models import load_editor, load_vlm, resolve
 from flywheel.models.base import ChatRequest, EditRequest
 from flywheel.models.presets import PRESETS
+from conftest import write_biting_lora
+from test_models_edit import PipeSpy
 
 
 def _image(size=(80, 64), color=(200, 40, 40), seed=0) -> Image.Image:
@@ -27,20 +29,6 @@ def _image(size=(80, 64), color=(200, 40, 40), seed=0) -> Image.Image:
 
 def _arr(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.int16)
-
-
-class PipeSpy:
-    """Wraps a loaded pipeline: records every call's keyword arguments, then runs the real pipeline."""
-
-    def __init__(self, pipe):
-        self.pipe, self.calls = pipe, []
-
-    def __call__(self, **kwargs):
-        self.calls.append(kwargs)
-        return self.pipe(**kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +43,10 @@ def klein_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def klein_lora(klein_dir, tmp_path_factory):
     """A diffusers-format LoRA for the tiny klein transformer, with weights large enough to change edits."""
-    import torch
     from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     tr = Flux2Transformer2DModel.from_pretrained(klein_dir, subfolder="transformer")
-    torch.manual_seed(2)
-    tr.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():  # gaussian init leaves B at zero (a no-op LoRA); make it bite
-        for name, p in tr.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 2.0)
-    out = tmp_path_factory.mktemp("klein-lora")
-    Flux2KleinPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(tr))
-    return out / "pytorch_lora_weights.safetensors"
+    return write_biting_lora(tr, Flux2KleinPipeline, tmp_path_factory.mktemp("klein-lora"))
 
 
 @pytest.fixture

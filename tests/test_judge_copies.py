@@ -11,16 +11,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from flywheel.judge import judge
+from test_judge import pixel_only
 
 EDIT = {"recipe_id": "backdrop", "prompt": "change the background to a cool blue studio backdrop"}
-
-
-def pixel_only(project, **judge_settings):
-    cfg = project.config.model_copy(deep=True)
-    cfg.models.judge = "none"
-    for key, value in judge_settings.items():
-        setattr(cfg.judge, key, value)
-    return cfg
 
 
 def jpeg(image: Image.Image, quality: int) -> Image.Image:
@@ -69,7 +62,7 @@ def test_near_and_mirrored_copies_are_rejected_and_an_honest_edit_is_not(project
     assert v[mirrored][0] == "rejected" and failing(v[mirrored][1]) == {"copy"}
     assert f"copy: mirrored copy of source #{src}" in v[mirrored][1]
     # The new background keeps her face pixel for pixel, but the frame is no longer the source.
-    assert v[honest][0] == "accepted" and f"not a copy (SSIM 0.8" in v[honest][1]
+    assert v[honest][0] == "accepted" and "not a copy (SSIM 0.8" in v[honest][1]
     # Scores are rows naming their scorer (never decisions): structure and colour, with the nearest source.
     rows = {r["scorer"]: (r["value"], json.loads(r["details_json"])) for r in project.catalog.query(
         "SELECT scorer, value, details_json FROM scores WHERE image_id = ? AND criterion = 'copy'", (mirrored,))}
