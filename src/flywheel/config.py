@@ -14,9 +14,21 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from flywheel.config_base import Section
+from flywheel.config_models import (
+    ROLES,
+    ModelsConfig,
+    Precision,
+    Quantization,
+    RoleLoad,
+)
+from flywheel.config_train import GenerateConfig, TrainConfig, TuneJudgeConfig
 from flywheel.errors import ConfigError
+
+__all__ = ["ROLES", "Config", "GenerateConfig", "ModelsConfig", "Precision", "Quantization", "RoleLoad", "Section",
+           "TrainConfig", "TuneJudgeConfig", "load_config", "parse_config", "render_config_template"]
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,12 +37,6 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 CONFIG_FILENAME = "flywheel.toml"
 TRIGGER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{1,63}$")
-
-
-class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ProjectConfig(Section):
@@ -137,188 +143,6 @@ class JudgeConfig(Section):
     # Coverage tags (flywheel.coverage): also ask the VLM for view, framing, expression and lighting (4 questions
     # per image that may enter the set, and per source); off: view and framing from face landmarks only.
     coverage_questions: bool = False
-
-
-class TuneJudgeConfig(Section):
-    """``flywheel tune-judge``: a LoRA on the judge VLM learned from human reviews (docs/tune_judge.md)."""
-
-    held_out_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of reviewed images held out, by source.")
-    split_seed: int = 0
-    min_examples: int = Field(8, ge=2, description="Fewer accepted/rejected human reviews than this is an error.")
-    rank: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: str = Field(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
-                                description="Regex of the modules that get LoRA layers (peft).")
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(4, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    decision_loss_share: float = Field(
-        0.5, ge=0.0, le=1.0, description="Share of the loss on the yes/no token; the rest is the JSON reason.")
-    max_grad_norm: float = Field(1.0, gt=0)
-    quantize_base: Literal["auto", "none", "nf4"] = Field(
-        "auto", description="'auto': QLoRA (4-bit NF4 base) on CUDA, plain LoRA in float32 on CPU.")
-    gradient_checkpointing: bool = True
-    checkpoint_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    seed: int = 0
-    use_active_adapter: bool = Field(
-        True, description="`flywheel judge` uses the newest promoted adapter of [models] judge (if any).")
-
-
-class TrainConfig(Section):
-    """``flywheel train``: a FLUX.1 LoRA on a frozen dataset version (documented in flywheel.toml.template)."""
-
-    base_model: str | None = Field(
-        None, description="FLUX.1 base to train on: preset, folder or hub id; unset = [models] base.")
-    resolution: int = Field(1024, ge=64, multiple_of=16, description="Bucket area is about resolution^2 px.")
-    bucket_step: int = Field(64, ge=16, multiple_of=16, description="Bucket sides are multiples of this (px).")
-    max_aspect: float = Field(2.0, ge=1.0, le=4.0)
-    rank: int = Field(16, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(1, ge=1)
-    repeats: int = Field(1, ge=1, description="Times each image appears per epoch.")
-    learning_rate: float = Field(1e-4, gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    weight_decay: float = Field(1e-4, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    caption_dropout: float = Field(0.05, ge=0, le=1)
-    guidance: float = Field(1.0, ge=0)
-    timestep_sampling: Literal["shifted_sigmoid", "sigmoid", "uniform"] = "shifted_sigmoid"
-    gradient_checkpointing: bool = True
-    checkpoint_every_n_blocks: int = Field(1, ge=1, description="With checkpointing: 1 = every block, 2 = half...")
-    quantize_base: Literal["auto", "none", "fp8", "int8", "nf4"] = Field(
-        "auto", description="Frozen base precision while training; 'auto' follows [models] quantization of the base.")
-    compile: bool = False
-    max_sequence_length: int = Field(512, ge=16, le=512)
-    checkpoint_every: int = Field(250, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    sample_every: int = Field(250, ge=0, description="0 = only at the end.")
-    sample_prompts: list[str] = Field(default_factory=lambda: [
-        "a photo of {trigger}, portrait, soft window light",
-        "{trigger} walking through a busy city street at night, full body",
-    ])
-    sample_seeds: list[int] = Field(default_factory=lambda: [0])
-    sample_steps: int = Field(28, ge=1)
-    sample_size: int = Field(1024, ge=64)
-    seed: int = 42
-
-
-class GenerateConfig(Section):
-    """``flywheel generate``: round-k synthetic images from the prompt bank with LoRA round k."""
-
-    prompts: int = Field(0, ge=0, description="How many bank prompts to use (0 = all).")
-    seeds_per_prompt: int = Field(2, ge=1)
-    extra_prompts: list[str] = Field(default_factory=list, description="Added to the shipped bank; use {trigger}.")
-    use_shipped_prompts: bool = True
-    width: int = Field(1024, ge=16, multiple_of=16)
-    height: int = Field(1024, ge=16, multiple_of=16)
-    steps: int = Field(28, ge=1)
-    guidance: float = Field(3.5, ge=0)
-    max_sequence_length: int = Field(512, ge=16, le=512)
-    batch_size: int = Field(4, ge=1)
-    lora_scale: float = 1.0
-    seed: int = 0
-
-
-Quantization = Literal["none", "nf4", "int8", "fp8"]
-Precision = Literal["auto", "bfloat16", "float16", "float32"]
-ROLES = ("vlm", "editor", "base")
-
-
-class RoleLoad(Section):
-    """``[models.overrides.<role>]``: how one role's model is loaded, where it differs from ``[models]``.
-
-    Unset keys inherit ``[models]``. Roles: ``vlm`` (captioner and judge), ``editor``, ``base`` (the FLUX
-    base for training, generation and evaluation).
-    """
-
-    device: Literal["auto", "cpu", "cuda"] | None = None
-    dtype: Precision | None = None
-    quantization: Quantization | None = None
-    cpu_offload: bool | None = None
-
-
-class ModelsConfig(Section):
-    """``[models]``: which model plays each role, and how models are loaded (see docs/models.md).
-
-    ``stack`` fills captioner, judge, editor and base (``flywheel.models.stacks``); a role set explicitly wins.
-    The role defaults below are the default stack's, so ``ModelsConfig()`` is the same either way.
-    """
-
-    stack: str = Field("flux1", description="Named model set for every role (`flywheel models list`).")
-    captioner: str = Field("qwen2-vl-2b", description="Preset name, local folder or hub id of the captioner VLM.")
-    judge: str = Field("qwen2-vl-2b", description="Preset name, local folder or hub id of the judge VLM.")
-    editor: str = Field("qwen-image-edit-2511-lightning",
-                        description="Preset name, local folder or hub id of the editor.")
-    base: str = Field("flux-dev", description="Preset name, local folder or hub id of the text-to-image base.")
-    quantization: Quantization = Field(
-        "none", description="Weights of every role's model: none, nf4 / int8 (bitsandbytes), fp8 (diffusion "
-        "models only: fp8 storage, bf16 compute). Per role: [models.overrides.<role>].")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Precision = Field("auto", description="'auto': the preset's dtype on a GPU (bf16), float32 on CPU.")
-    vlm_max_pixels: int = Field(1024 * 1024, ge=56 * 56, description="Images are downscaled to this many pixels.")
-    vlm_batch_size: int = Field(16, ge=1, le=512, description="Requests per VLM forward pass (captions, judge).")
-    cpu_offload: bool = False
-    trust_remote_code: bool = False
-    overrides: dict[Literal["vlm", "editor", "base"], RoleLoad] = Field(
-        default_factory=dict, description="Per-role load settings, e.g. [models.overrides.editor] cpu_offload = true.")
-
-    def for_role(self, role: str) -> dict[str, Any]:
-        """device / dtype / quantization / cpu_offload for ``role`` ('vlm', 'editor', 'base' or the loader's
-        'text_to_image'), with the role's overrides applied."""
-        role = "base" if role == "text_to_image" else role
-        settings: dict[str, Any] = {"device": self.device, "dtype": self.dtype, "quantization": self.quantization,
-                                    "cpu_offload": self.cpu_offload}
-        override = self.overrides.get(role)  # type: ignore[call-overload]
-        if override is not None:
-            settings.update(override.model_dump(exclude_none=True))
-        return settings
-
-    @field_validator("stack")
-    @classmethod
-    def _known_stack(cls, v: str) -> str:
-        from flywheel.models.stacks import STACKS, suggest_stack
-
-        if v in STACKS:
-            return v
-        close = suggest_stack(v)
-        raise ValueError(f"unknown stack '{v}'" + (f"; did you mean '{close}'?" if close else "")
-                         + f" (stacks: {', '.join(STACKS)}; `flywheel models list` shows them)")
-
-    @model_validator(mode="after")
-    def _fill_roles_from_stack(self) -> ModelsConfig:
-        """Roles not set explicitly take the stack's model (written past validate_assignment: they are
-        the stack's presets, and must stay out of ``model_fields_set`` so a later stack change still fills them)."""
-        from flywheel.models.stacks import STACKS
-
-        for key, spec in STACKS[self.stack].roles().items():
-            if key not in self.model_fields_set:
-                self.__dict__[key] = spec
-        return self
-
-    @field_validator("captioner", "judge", "editor", "base")
-    @classmethod
-    def _known_model(cls, v: str, info: ValidationInfo) -> str:
-        from flywheel.models.hub import looks_like_path
-        from flywheel.models.presets import PRESETS, suggest
-
-        if v == "none" and info.field_name == "judge":  # judge on pixel signals only (docs/judging.md)
-            return v
-        if v == "tiny" or v in PRESETS or looks_like_path(v) or v.count("/") == 1:
-            return v
-        close = suggest(v)
-        raise ValueError(
-            "not a preset name, a folder or a hub id (owner/name)"
-            + (f"; did you mean '{close}'?" if close else "")
-            + " (`flywheel models list` shows the presets)"
-        )
 
 
 class EditorLora(Section):
