@@ -106,7 +106,7 @@ class CaptionConfig(Section):
 
 class JudgeConfig(Section):
     structured_verdict: bool = Field(True, description="Also ask the VLM for a JSON verdict with reasons.")
-    batch_size: int = Field(4, ge=1, le=256)
+    batch_size: int = Field(16, ge=1, le=256, description="Images judged per step (VLM calls batch them).")
     max_new_tokens: int = Field(192, ge=16, le=2048)
     # Identity: dlib face-embedding distance to the closest source face (0.6 is dlib's same-person line).
     max_face_distance: float = Field(0.6, gt=0.0, le=2.0)
