@@ -30,6 +30,7 @@ log = logging.getLogger("benchmarks.fullsize")
 FLUX_DEV, FLUX_KONTEXT = "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-Kontext-dev"
 QWEN_EDIT, LIGHTNING = "Qwen/Qwen-Image-Edit-2511", "lightx2v/Qwen-Image-Edit-2511-Lightning"
 QWEN2_VL_2B = "Qwen/Qwen2-VL-2B-Instruct"
+KLEIN_4B, KLEIN_BASE_4B = "black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-base-4B"
 LIGHTNING_FILE = "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"
 
 FLUX_TRANSFORMER = dict(attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096,
@@ -54,6 +55,10 @@ QWEN25_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=
 QWEN25_VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[7, 15, 23, 31])
+KLEIN_4B_TRANSFORMER = dict(in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False)  # 3.88 B
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960)  # 4.02 B
 QWEN_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}  # Qwen's budget: 1024² -> 1225 tokens
 LORA_RANK = 64
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -190,6 +195,47 @@ def link_flux_kontext(cache: Path) -> float:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to(file)
     return _done(snap, t0, f"{FLUX_KONTEXT} (components linked to FLUX.1-dev)")
+
+
+def build_flux2_klein(cache: Path, *, tiny: bool, device: str) -> float:
+    """black-forest-labs/FLUX.2-klein-4B (distilled, 4 steps) and FLUX.2-klein-base-4B (the one LoRAs train on):
+    Flux2KleinPipeline folders with a 3.88 B transformer (2 shards), the Qwen3-4B text encoder, the FLUX.2 VAE.
+    The base repo links the distilled one's files (same shapes; the real repos share encoder and VAE) under its
+    own model_index.json (``is_distilled: false``)."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from flywheel.testing.tiny.flux2_klein import build_tiny_flux2_klein
+
+    t0, snap = time.perf_counter(), snapshot_dir(cache, KLEIN_4B)
+    tiny_dir = build_tiny_flux2_klein(cache.parent / "tiny-klein")
+    if tiny:
+        shutil.copytree(tiny_dir, snap, dirs_exist_ok=True)
+    else:
+        pipe = Flux2KleinPipeline.from_pretrained(tiny_dir, use_safetensors=True)  # scheduler + tokenizer
+        torch.manual_seed(0)
+        with _device_build(device, tiny):
+            pipe.transformer = Flux2Transformer2DModel(**KLEIN_4B_TRANSFORMER)
+            pipe.text_encoder = Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B))
+            pipe.vae = AutoencoderKLFlux2()
+        pipe.save_pretrained(snap, safe_serialization=True, max_shard_size="5GB")
+        del pipe
+        _free()
+    seconds = _done(snap, t0, KLEIN_4B + (" (tiny)" if tiny else ""))
+    base = snapshot_dir(cache, KLEIN_BASE_4B)
+    index = json.loads((snap / "model_index.json").read_text())
+    index["is_distilled"] = False
+    (base / "model_index.json").write_text(json.dumps(index, indent=2))
+    for file in snap.rglob("*"):
+        target = base / file.relative_to(snap)
+        if file.is_file() and file.name not in ("model_index.json", ".complete") and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(file)
+    (base / ".complete").write_text(KLEIN_BASE_4B)
+    return seconds
 
 
 def build_qwen_image_edit(cache: Path, *, tiny: bool, device: str) -> float:

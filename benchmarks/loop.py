@@ -17,6 +17,8 @@ Phases (the GPU machine has 64 GB of disk and 10 minutes per command; the repos 
   ``rest``  build FLUX.1-dev + Qwen2-VL-2B; ``flywheel run`` the same project to the report
   ``24gb``  link FLUX.1 Kontext to FLUX.1-dev's files; a project on configs/examples/gpu-24gb.toml whose
             process is capped at 24 GiB (``torch.cuda.set_per_process_memory_fraction``); ``flywheel run``
+  ``klein`` the FLUX.2 klein stack (``--klein-stack``): its edits, one stock edit and ``flywheel run`` in one
+            project, the process capped at ``--cap-gib``
   ``all``   edit, rest, 24gb in turn
 
     python benchmarks/loop.py --phase edit && python benchmarks/loop.py --phase rest   # GPU, two commands
@@ -75,6 +77,8 @@ def config(profile: str, args) -> str:
         text = head + "[enrich]\n" + _drop_keys(tail.split("\n[", 1)[0], {"recipes", "seeds"}) + (
             "\n[" + tail.split("\n[", 1)[1] if "\n[" in tail else "")
         text = _drop_sections(text, ("train", "generate", "evaluate", "loop"))
+    elif profile == "klein":
+        text = f'[project]\nname = "Benchmark"\ntrigger = "fw_bench"\n[models]\nstack = "{args.klein_stack}"\n'
     else:
         text = '[project]\nname = "Benchmark"\ntrigger = "fw_bench"\n[models]\n'
     device = f'\ndevice = "{args.device}"' if args.device != "auto" else ""
@@ -193,6 +197,45 @@ def run_phase(root: Path, cache: Path, profile: str, args, env, log_file) -> dic
     return out
 
 
+def klein_phase(root: Path, cache: Path, args, env, log_file) -> tuple[dict, dict]:
+    """The FLUX.2 klein stack end to end in one project: its fast edits (distilled klein-4B), one stock edit
+    (klein-base-4B, 50 steps with CFG), then `flywheel run` (klein-base-4B LoRAs, distilled klein renders).
+    The process is capped at --cap-gib (24 by default): this stack is the one meant to fit a 24 GB card."""
+    edit: dict = {"build_s": 0.0}
+    if not fullsize.has_repo(cache, fullsize.KLEIN_4B):
+        edit["build_s"] += fullsize.build_flux2_klein(cache, tiny=args.tiny, device=args.build_device)
+    if not fullsize.has_repo(cache, fullsize.QWEN2_VL_2B):
+        edit["build_s"] += fullsize.build_qwen2_vl(cache, tiny=args.tiny, device=args.build_device)
+    if args.cap_gib and not args.tiny:
+        env = {**env, "FLYWHEEL_BENCH_GPU_FRACTION": str(args.cap_gib * 1024**3 / _gpu_total())}
+    project = make_project(root, "klein", args, env, log_file)
+    cli(project, "ingest", str(project / "sources"), env=env, log_file=log_file)
+    edit["fast_cli_s"] = cli(project, "enrich", env=env, log_file=log_file)
+    edit["fast"] = unit_times(project, "enrich")
+    if args.stock_edits:
+        stock = root / "project-klein-stock"
+        if not (stock / "flywheel.toml").exists():
+            cli(None, "init", str(stock), "--name", "Stock", "--trigger", "fw_bench", env=env, log_file=log_file)
+            text = config("klein", args).replace(f"recipes = {json.dumps(RECIPES[:args.recipes])}",
+                                                 f"recipes = {json.dumps(RECIPES[:1])}")
+            text = text.replace("[models]", '[models]\neditor = "flux2-klein-base-4b-edit"', 1)
+            (stock / "flywheel.toml").write_text(text)
+            from flywheel.sample import write_sample
+
+            for extra in write_sample(stock / "sources")[args.stock_edits:]:
+                extra.unlink()
+        cli(stock, "ingest", str(stock / "sources"), env=env, log_file=log_file)
+        edit["stock_cli_s"] = cli(stock, "enrich", env=env, log_file=log_file)
+        edit["stock"] = unit_times(stock, "enrich")
+    run: dict = {"build_s": 0.0}
+    run["cli_s"] = cli(project, "run", env=env, log_file=log_file)
+    run["steps"] = loop_steps(project)
+    run["units"] = {stage: unit_times(project, stage) for stage in ("enrich", "caption", "judge", "generate", "evaluate")}
+    run["train"] = train_timing(project)
+    run["report"] = [str(p) for p in (project / ".flywheel" / "reports").rglob("index.html")]
+    return edit, run
+
+
 def _gpu_total() -> int:
     import torch
 
@@ -254,7 +297,7 @@ def report(name: str, gpu: str, edit: dict | None, run: dict | None, args) -> No
               f"`flywheel enrich` {edit['fast_cli_s']:.1f} s end to end (loading included)")
         if "stock" in edit and edit["stock"]["n"]:
             stock = edit["stock"]
-            print(f"edits, stock preset (40 steps, true CFG 4): {stock['n']} edit(s), {stock['mean_s']:.2f} s/edit; "
+            print(f"edits, stock preset: {stock['n']} edit(s), {stock['mean_s']:.2f} s/edit; "
                   f"fast is {stock['mean_s'] / fast['mean_s']:.1f}x faster; 25 stock edits ~{25 * stock['mean_s'] / 60:.1f} min")
         print(f"goal 25 edits < 60 s: {'met' if 25 * fast['mean_s'] < 60 else 'missed'} "
               f"({25 * fast['mean_s']:.0f} s of editing for 25)")
@@ -322,7 +365,8 @@ def extrapolate(run: dict, edit: dict | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=["edit", "rest", "24gb", "all"], default="all")
+    parser.add_argument("--phase", choices=["edit", "rest", "24gb", "klein", "all"], default="all")
+    parser.add_argument("--klein-stack", default="klein4b", help="the [models] stack of the klein phase")
     parser.add_argument("--root", type=Path, default=ROOT / ".bench" / "loop", help="projects, logs, results")
     parser.add_argument("--cache", type=Path, default=None, help="the random-weight hub cache (default: ROOT/hub)")
     parser.add_argument("--tiny", action="store_true", help="tiny architectures (a CPU dry run of the same path)")
@@ -362,6 +406,10 @@ def main() -> None:
         results["24gb"] = run_phase(root, cache, "24gb", args, env, log_file)
         report(f"24 GiB profile (configs/examples/gpu-24gb.toml, process capped at {args.cap_gib:g} GiB)", gpu, None,
                results["24gb"], args)
+    if args.phase == "klein":
+        results["klein_edit"], results["klein"] = klein_phase(root, cache, args, env, log_file)
+        report(f"klein stack '{args.klein_stack}' (process capped at {args.cap_gib:g} GiB)", gpu, results["klein_edit"],
+               results["klein"], args)
     if "edit" in results:
         (root / "edit.json").write_text(json.dumps(results["edit"]))
     (root / f"results-{args.phase}.json").write_text(json.dumps({"gpu": gpu, **results}, indent=2, default=str))
