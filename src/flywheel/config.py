@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from flywheel.config_api import ApiConfig
 from flywheel.config_base import Section
 from flywheel.config_models import (
     ROLES,
@@ -175,7 +176,7 @@ class EnrichConfig(Section):
     """``flywheel enrich``: identity-preserving edits of every source (recipes in ``flywheel.recipes``)."""
 
     backend: Literal["qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix",
-                     "composite"] = Field(
+                     "composite", "api"] = Field(
         "qwen-image-edit", description="'composite' is the CPU editor (person segmentation + compositing)."
     )
     recipes: list[str] = Field(
@@ -243,6 +244,7 @@ class Config(Section):
     models: ModelsConfig = ModelsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     loop: LoopConfig = LoopConfig()
+    api: ApiConfig = ApiConfig()  # OpenAI-compatible services (config_api.py, docs/api.md)
 
     @model_validator(mode="after")
     def _enrich_backend_from_stack(self) -> Config:

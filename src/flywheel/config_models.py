@@ -92,6 +92,8 @@ class ModelsConfig(Section):
 
         if v == "none" and info.field_name == "judge":  # judge on pixel signals only (docs/judging.md)
             return v
+        if v == "api" or v.startswith("api:"):  # an OpenAI-compatible service ([api], docs/api.md)
+            return v
         if v == "tiny" or v in PRESETS or looks_like_path(v) or v.count("/") == 1:
             return v
         close = suggest(v)

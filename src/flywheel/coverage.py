@@ -131,6 +131,8 @@ class CoverageTagger:
                                                 parent_id=self.run_id) as op:
                 answers = self.vlm.option_probabilities([ChatRequest(question, [images[i]]) for i in ids], list(words))
             for image_id, probs in zip(ids, answers):
+                if probs[words[0]] is None:  # a service refused or answered none of the words: no tag
+                    continue
                 word = max(words, key=lambda w: probs[w])
                 tag = AXES[axis][words.index(word)]
                 self.record(image_id, "coverage", scorer, probs[word],

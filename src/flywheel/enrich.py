@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 STAGE = "enrich"
 # Model family and default preset per generative backend; references only where the pipeline takes them.
 BACKEND_FAMILY = {"qwen-image-edit": "qwen_image_edit", "flux-kontext": "flux_kontext", "flux2-klein": "flux2_klein",
-                  "longcat-image-edit": "longcat_edit", "instruct-pix2pix": "instruct_pix2pix"}
+                  "longcat-image-edit": "longcat_edit", "instruct-pix2pix": "instruct_pix2pix",
+                  "api": "openai_api"}
 BACKEND_PRESET = {"qwen-image-edit": "qwen-image-edit-2511-lightning", "flux-kontext": "flux-kontext-dev",
                   "flux2-klein": "flux2-klein-4b", "longcat-image-edit": "longcat-image-edit-turbo",
-                  "instruct-pix2pix": "instruct-pix2pix"}
+                  "instruct-pix2pix": "instruct-pix2pix", "api": "api"}
 TAKES_REFERENCES = {"qwen-image-edit", "flux2-klein"}
 
 

@@ -55,6 +55,13 @@ class ModelOutputError(FlywheelError):
     """A model returned output Flywheel cannot use (e.g. a judge answer that is not the expected JSON)."""
 
 
+class ApiError(ModelOutputError):
+    """An OpenAI-compatible service failed a request (timeout, refusal, 429/5xx after retries, bad key).
+
+    A ``ModelOutputError``, so enrich records the unit failed and goes on; a re-run retries what failed.
+    The message names the endpoint and model, never the key."""
+
+
 class StageError(FlywheelError):
     """A pipeline stage cannot run (missing prerequisite stage, empty dataset, ...)."""
 

@@ -218,8 +218,13 @@ def _vlm_scores(project: Project, vlm: VisionLanguageModel, jcfg: JudgeConfig, b
         with catalog.operation("judge", model=vlm.model_id, params=params, parent_id=run_id) as op:
             probs = _one_per_request(vlm.option_probabilities(requests, ["yes", "no"]), requests, vlm)
         for image_id, req, p in zip(ids, requests, probs):
+            # A service's VLM says how it answered (logprobs or text) or why it did not (models/openai_vlm.py).
+            details = {"question": req.text, "probabilities": p, **getattr(p, "provenance", {})}
+            if p["yes"] is None:  # no answer (a refusal): a score without a value; the other checks decide
+                pixels.record(image_id, criterion, scorer, None, details, op)
+                continue
             setattr(scores[image_id], attr, p["yes"])
-            pixels.record(image_id, criterion, scorer, p["yes"], {"question": req.text, "probabilities": p}, op)
+            pixels.record(image_id, criterion, scorer, p["yes"], details, op)
 
     ids = [r["id"] for r in batch]
     ask("identity", [ChatRequest(SAME_CHARACTER_Q, [refs[i], images[i]]) for i in ids], ids, "same_character_prob")
@@ -265,6 +270,8 @@ def _vlm_scores(project: Project, vlm: VisionLanguageModel, jcfg: JudgeConfig, b
             raw[i].append(text)
             op_of[i] = op
             parsed, problem = parse_verdict(text)
+            if getattr(text, "refusal", None):  # a service refused to judge: its reason goes into the verdict
+                problem = f"refused by the service: {text.refusal}"
             scores[i].verdict_json, scores[i].verdict_error = parsed, problem
         todo = [i for i in todo if scores[i].verdict_json is None]
         if not todo:

@@ -72,6 +72,12 @@ def load(spec: str, models_cfg: ModelsConfig | None = None, *, role: Role | None
     from flywheel.models.hub import check_cpu_for
 
     cfg = models_cfg or ModelsConfig()
+    from flywheel.models.openai_common import is_api_spec
+
+    if is_api_spec(spec):  # "api" / "api:<model>": an OpenAI-compatible service ([api], docs/api.md)
+        from flywheel.models.openai_common import load_api
+
+        return load_api(spec, role, **overrides)
     preset = get_preset(spec, role)
     if preset is not None and role is not None:
         _family_for_role(spec, preset.family, role)  # fail before any download

@@ -52,6 +52,7 @@ class ModelPool:
     held: list[_Held] = field(default_factory=list)
     loads: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, role, label) of every load
     baseline_bytes: int | None = None
+    api_cfg: Any = None  # [api] (flywheel.config_api), for "api:<model>" specs
 
     def vlm(self, spec: str, **overrides: Any):
         return self.get("vlm", spec, **overrides)
@@ -78,8 +79,12 @@ class ModelPool:
 
         if self.baseline_bytes is None:
             self.baseline_bytes = _allocated()
-        with recorded_load(self.catalog, self.stage, spec, {"role": role, **overrides}) as record:
-            adapter = load(spec, self.models_cfg, role=role, **overrides)  # type: ignore[arg-type]
+        from flywheel.models.openai_common import is_api_spec, pool_extras
+
+        # A service gets [api] and a recorder of its HTTP calls; the first load says where images will go.
+        extra, notice = pool_extras(self, spec) if is_api_spec(spec) else ({}, {})
+        with recorded_load(self.catalog, self.stage, spec, {"role": role, **overrides, **notice}) as record:
+            adapter = load(spec, self.models_cfg, role=role, **extra, **overrides)  # type: ignore[arg-type]
             record(adapter.model_id, adapter.params())
         label = getattr(adapter, "model_id", spec)
         self.held.append(_Held(key, role, label, adapter))
@@ -151,7 +156,7 @@ def stage_pool(project, pool: ModelPool | None, stage: str) -> Iterator[ModelPoo
         finally:
             pool.stage = previous
         return
-    with ModelPool(project.config.models, catalog=project.catalog, stage=stage) as own:
+    with ModelPool(project.config.models, catalog=project.catalog, stage=stage, api_cfg=project.config.api) as own:
         yield own
 
 
