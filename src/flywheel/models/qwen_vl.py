@@ -5,6 +5,9 @@ installed transformers knows works without a per-version class. Requests run in 
 padding (every prompt ends where generation starts), images are downscaled to a pixel budget first
 (vision tokens grow with pixels: ~1 token per 28x28), and ``option_probabilities`` reads the first
 answer token's distribution so the judge gets calibrated yes/no scores, not only text.
+
+On a GPU the fast path (``flywheel.models.vlm_speed``) preprocesses images there and decodes with a static
+KV cache and a compiled step (``[models] vlm_compile``); on CPU the plain path runs, unchanged.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ class QwenVLModel:
     """VisionLanguageModel for the Qwen-VL family."""
 
     def __init__(self, model, processor, *, model_id: str, device: str, max_pixels: int, batch_size: int = 8,
-                 quantization: str = "none", generation: dict[str, Any] | None = None):
+                 quantization: str = "none", generation: dict[str, Any] | None = None, compile: str = "auto"):
+        from flywheel.models.vlm_speed import use_compiled_decode
+
         self.model = model.eval()
         self.processor = processor
         self.processor.tokenizer.padding_side = "left"  # batched generation: all prompts end at the same column
@@ -74,6 +79,9 @@ class QwenVLModel:
         # Extra ``generate`` kwargs (do_sample/temperature/top_p, repetition_penalty, min_new_tokens...).
         self.generation = dict(generation or {})
         self.adapter: str | None = None  # a judge LoRA from `flywheel tune-judge`, once loaded
+        self.compile = compile
+        self.compiled_decode = use_compiled_decode(compile, device, quantization)
+        self.compile_backend = "inductor"  # tests swap in "eager" to check the static-cache path quickly on CPU
         ip = processor.image_processor
         self.pixel_multiple = getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)
 
@@ -81,7 +89,7 @@ class QwenVLModel:
     def from_pretrained(cls, path: str | Path, *, model_id: str | None = None, device: str = "auto",
                         quantization: str = "none", dtype: str | None = None, max_pixels: int = 1024 * 1024,
                         batch_size: int = 8, trust_remote_code: bool = False, attn_implementation: str | None = None,
-                        generation: dict[str, Any] | None = None) -> QwenVLModel:
+                        generation: dict[str, Any] | None = None, compile: str = "auto") -> QwenVLModel:
         """Load a local HF folder (use ``flywheel.models.load_vlm`` for presets and hub ids)."""
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -119,7 +127,7 @@ class QwenVLModel:
                                  "preprocessor and *.safetensors files)") from None
         log.info("loaded %s on %s (%s, quantization=%s)", label, device, torch_dtype, quantization)
         return cls(model, processor, model_id=label, device=device, max_pixels=max_pixels, batch_size=batch_size,
-                   quantization=quantization, generation=generation)
+                   quantization=quantization, generation=generation, compile=compile)
 
     # -- VisionLanguageModel ---------------------------------------------------------------------------------
     def generate(self, requests: list[ChatRequest], *, max_new_tokens: int = 128, seed: int | None = None) -> list[str]:
@@ -134,8 +142,9 @@ class QwenVLModel:
         out: list[str] = []
         for start in range(0, len(requests), self.batch_size):
             inputs = self.encode(requests[start:start + self.batch_size])
+            fast = self._decode_kwargs(inputs["input_ids"].shape[1], max_new_tokens)
             with torch.inference_mode():
-                ids = self.model.generate(**inputs, **gen)
+                ids = self.model.generate(**inputs, **{**fast, **gen})  # explicit `generation` kwargs win
             new = ids[:, inputs["input_ids"].shape[1]:]  # left padding: every answer starts at the same column
             out.extend(t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True))
         return out
@@ -153,13 +162,16 @@ class QwenVLModel:
         for start in range(0, len(requests), self.batch_size):
             inputs = self.encode(requests[start:start + self.batch_size])
             with torch.inference_mode():
-                # Left padding: the last column is the next token, and only its logits are needed. Without
-                # logits_to_keep=1 the model materialises full-vocabulary logits for every position (~6 GB at
-                # batch 8 with ~150k-token vocabularies and image tokens).
-                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
-            probs = torch.softmax(logits, dim=-1)
-            for row in probs:
-                mass = [float(row[list(ids)].sum()) for ids in token_sets]
+                # One forward pass, no decoding. Left padding: the last column is the next token, and only its
+                # logits are needed. Without logits_to_keep=1 the model materialises full-vocabulary logits for
+                # every position (~6 GB at batch 8 with ~150k-token vocabularies and image tokens); without
+                # use_cache=False it also keeps every layer's keys and values for a next step that never comes.
+                logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
+                probs = torch.softmax(logits, dim=-1)
+                # Each option's mass in one gather and one copy to the host (not a sync per row and option).
+                masses = torch.stack([probs[:, sorted(ids)].sum(dim=-1) for ids in token_sets], dim=-1).cpu()
+            for row in masses.tolist():
+                mass = [float(m) for m in row]
                 total = sum(mass)
                 if total <= 0:  # underflow only; keep the contract (a distribution over options)
                     results.append({o: 1.0 / len(options) for o in options})
@@ -171,7 +183,8 @@ class QwenVLModel:
     def params(self) -> dict[str, Any]:
         return {"model": self.model_id, "family": "qwen_vl", "device": self.device, "dtype": str(self.model.dtype),
                 "quantization": self.quantization, "max_pixels": self.max_pixels, "batch_size": self.batch_size,
-                "generation": self.generation or "greedy", "adapter": self.adapter}
+                "generation": self.generation or "greedy", "adapter": self.adapter,
+                "compile": self.compile, "compiled_decode": self.compiled_decode}
 
     def load_adapter(self, path: str | Path, *, adapter_id: str) -> None:
         """Put a LoRA adapter (a peft folder with ``adapter_model.safetensors``) on the model, for inference.
@@ -196,15 +209,35 @@ class QwenVLModel:
     def encode(self, requests: list[ChatRequest]):
         """The model inputs for a batch of requests (chat template, images at the pixel budget, left padding):
         exactly what ``generate`` and ``option_probabilities`` feed the model, so judge tuning trains on it."""
+        from flywheel.models.vlm_speed import image_kwargs
+
+        # On a GPU the processor resizes, normalises and patchifies there, to the pixel budget it is given;
+        # on CPU images are fitted with PIL first (the processor then keeps their size), as before.
+        on_gpu = self.device == "cuda"
         texts, images = [], []
         for r in requests:
             messages = [{"role": "system", "content": [{"type": "text", "text": r.system}]}] if r.system else []
             content = [{"type": "image"} for _ in r.images] + [{"type": "text", "text": r.text}]
             messages.append({"role": "user", "content": content})
             texts.append(self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-            images.extend(fit_pixels(im, self.max_pixels, self.pixel_multiple) for im in r.images)
-        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-        return inputs.to(self.model.device)
+            images.extend(im.convert("RGB") if on_gpu else fit_pixels(im, self.max_pixels, self.pixel_multiple)
+                          for im in r.images)
+        kwargs = image_kwargs(self.processor.image_processor, self.max_pixels, str(self.model.device) if on_gpu else None)
+        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt",
+                                **(kwargs if images else {}))
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs and self.model.dtype != inputs["pixel_values"].dtype and self.quantization == "none":
+            # The vision tower casts to its dtype first thing: casting here halves the float32 batch's memory.
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def _decode_kwargs(self, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
+        """Static cache + compiled decode step where ``vlm_compile`` resolved on; nothing otherwise."""
+        if not self.compiled_decode or self.generation.get("num_beams", 1) != 1:
+            return {}
+        from flywheel.models.vlm_speed import decode_kwargs
+
+        return decode_kwargs(self.device, prompt_len, max_new_tokens, backend=self.compile_backend)
 
     def _option_tokens(self, options: list[str]) -> list[set[int]]:
         if len(options) < 2 or len(set(options)) != len(options):

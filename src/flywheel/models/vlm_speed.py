@@ -1,0 +1,87 @@
+"""The fast path of the Qwen-VL adapter: image preprocessing on the model's GPU, a static KV cache with a
+compiled decode step, and the knobs behind ``[models] vlm_compile`` (docs/models.md, "VLM speed").
+
+Why each piece (measured with ``benchmarks/vlm_caption.py`` on an H200, issue 15):
+- Preprocessing (resize, normalise, patchify) of a 1024² image takes tens of milliseconds on one CPU core,
+  while the GPU waits: at batch 32 that alone is seconds per batch. transformers' torchvision image
+  processor runs the same steps on the GPU when given ``device``.
+- Eager decoding is bound by the CPU (Python and kernel launches: ~20 ms a step for a 2B model whose
+  weights take ~1 ms to read). A static cache lets ``generate`` compile the decode step with CUDA graphs.
+- The compiled step is specialised to the cache's shape: a second shape (batch size, cache length) compiles
+  once more, with dynamic shapes, and that graph then serves every later shape (CUDA graphs are recorded once
+  per shape, which is cheap). Cache lengths are rounded up so that prompts of similar length share a shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+CompileSetting = Literal["auto", "on", "off"]
+COMPILE_SETTINGS = ("auto", "on", "off")
+CACHE_BUCKET = 256  # static cache lengths are multiples of this: one shape for prompts of similar length
+
+
+def use_compiled_decode(setting: str, device: str, quantization: str) -> bool:
+    """``vlm_compile`` resolved: "auto" compiles on CUDA with unquantized weights (bitsandbytes layers do not
+    compile; a static cache without compilation is slower than the default dynamic one), never on CPU."""
+    if setting not in COMPILE_SETTINGS:
+        from flywheel.errors import ConfigError
+
+        raise ConfigError(f"unknown vlm_compile {setting!r}", hint=f"use one of {', '.join(COMPILE_SETTINGS)}")
+    if setting == "auto":
+        return device == "cuda" and quantization == "none"
+    return setting == "on"
+
+
+def cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACHE_BUCKET) -> int:
+    """Static cache length for a batch: prompt + answer, rounded up to ``bucket``."""
+    need = prompt_len + max_new_tokens
+    return -(-need // bucket) * bucket
+
+
+def decode_kwargs(device: str, prompt_len: int, max_new_tokens: int, *, backend: str = "inductor") -> dict[str, Any]:
+    """Extra ``generate`` kwargs for the static cache + compiled decode step.
+
+    transformers compiles the decode step itself (``get_compiled_call``) once it sees a static cache on a
+    supported device, and reuses the compiled call across ``generate`` calls. On CUDA: CUDA graphs
+    ("reduce-overhead"); elsewhere (tests) plain inductor or ``backend``, forced through the config's
+    ``_compile_all_devices`` flag, which transformers reads for exactly this.
+    """
+    from transformers import CompileConfig
+
+    if device == "cuda":  # transformers' own defaults: inductor, CUDA graphs, automatic dynamic shapes
+        config = CompileConfig(backend=backend)
+    else:
+        config = CompileConfig(backend=backend, mode="default")
+        config._compile_all_devices = True
+    return {"cache_implementation": "static", "max_cache_len": cache_length(prompt_len, max_new_tokens),
+            "compile_config": config}
+
+
+def processes_on_device(image_processor: Any) -> bool:
+    """True when the image processor can run on a torch device (transformers' torchvision backend)."""
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+    except ImportError:  # an older transformers: only its *Fast processors take a device
+        return type(image_processor).__name__.endswith("Fast")
+    return isinstance(image_processor, TorchvisionBackend)
+
+
+def image_kwargs(image_processor: Any, max_pixels: int, device: str | None) -> dict[str, Any]:
+    """Processor kwargs that apply the pixel budget (``size``: min/max pixels) and, when ``device`` is
+    given and the processor supports it, run preprocessing there.
+
+    The budget only lowers the processor's own maximum (the model's limit, from its preprocessor config).
+    """
+    size = dict(getattr(image_processor, "size", None) or {})
+    kwargs: dict[str, Any] = {}
+    if size.get("longest_edge"):  # Qwen's processors express min/max pixels as shortest/longest edge
+        longest = min(int(size["longest_edge"]), max_pixels)
+        kwargs["size"] = {"shortest_edge": min(int(size.get("shortest_edge") or 56 * 56), longest),
+                          "longest_edge": longest}
+    if device is not None and processes_on_device(image_processor):
+        kwargs["device"] = device
+    return kwargs
