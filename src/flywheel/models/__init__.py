@@ -174,6 +174,7 @@ def _settings(resolved: ResolvedModel, family: str, cfg: ModelsConfig, overrides
     if family == "qwen_vl":
         settings["trust_remote_code"] = cfg.trust_remote_code
         settings["batch_size"] = cfg.vlm_batch_size
+        settings["compile"] = cfg.vlm_compile
         if "vlm_max_pixels" in cfg.model_fields_set or "max_pixels" not in settings:
             settings["max_pixels"] = cfg.vlm_max_pixels
         if load["cpu_offload"]:

@@ -1,0 +1,121 @@
+"""The VLM fast path (issue 15): same captions and scores as before on CPU, the static-cache decode gives the
+same answers, the pixel budget reaches the processor, ``[models] vlm_compile`` reaches the adapter, and the
+caption benchmark's CI mode runs its whole code path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flywheel.config import ModelsConfig
+from flywheel.models.base import ChatRequest
+from flywheel.models.qwen_vl import QwenVLModel
+from flywheel.models.vlm_speed import cache_length, image_kwargs, use_compiled_decode
+
+# Captions (10 new tokens) and P(yes) of the tiny twin (seed 0) written by the adapter BEFORE the fast path
+# (commit 4078495, batch_size 3), per pixel budget: the plain CPU path must keep giving exactly these.
+GOLDEN = {
+    1024 * 1024: ([".\bulnoswerfitto\ufffdful", "era\ufffd5\ufffd\ufffdgeswer^\ufffdron",
+                   "era\ufffd\ufffd\u0013noing\u0004his\ufffdswer", "era\ufffd5\ufffd\ufffdgeswer^^\ufffd"],
+                  [0.457675775, 0.495537014, 0.47383557, 0.497950625]),
+    56 * 56 * 2: ([".\ufffdtch#\ufffdtch#\ufffdtch#", "era\ufffd5ntera\ufffd5ntera\ufffd",
+                   "era\ufffd\ufffd\u0013noing\u0004his\ufffdswer", "era\ufffd5We\ufffd;\u001ba\ufffd"],
+                  [0.46255821, 0.485446184, 0.473835592, 0.484283394]),
+}
+
+
+def _requests() -> list[ChatRequest]:
+    # Sizes over and under the budgets, two images in one prompt, an RGBA image and a text-only prompt.
+    return [ChatRequest("Describe the image.", [Image.new("RGB", (300, 200), "red")]),
+            ChatRequest("Same person? Answer yes or no.",
+                        [Image.new("RGB", (64, 64), "blue"), Image.new("RGBA", (90, 120), "green")], system="You judge."),
+            ChatRequest("Answer yes or no: is the sky blue?"),
+            ChatRequest("Describe.", [Image.effect_mandelbrot((333, 251), (-2, -1.2, 1, 1.2), 50).convert("RGB")])]
+
+
+def _adapter(tiny_vlm, budget: int, **kw) -> QwenVLModel:
+    """A second adapter over the session's tiny model (the shared fixture is never mutated)."""
+    return QwenVLModel(tiny_vlm.model, tiny_vlm.processor, model_id="tiny", device="cpu", max_pixels=budget,
+                       batch_size=3, **kw)
+
+
+@pytest.mark.parametrize("budget", sorted(GOLDEN))
+def test_cpu_captions_and_scores_are_the_same_as_before_the_fast_path(tiny_vlm, budget):
+    vlm = _adapter(tiny_vlm, budget)
+    assert vlm.compiled_decode is False  # "auto" on CPU: the plain path
+    captions, p_yes = GOLDEN[budget]
+    assert vlm.generate(_requests(), max_new_tokens=10) == captions
+    got = [p["yes"] for p in vlm.option_probabilities(_requests(), ["yes", "no"])]
+    assert got == pytest.approx(p_yes, abs=1e-6)
+
+
+def test_static_cache_decode_gives_the_same_captions_as_the_default_cache(tiny_vlm):
+    """vlm_compile = "on": static KV cache and the compiled decode step (dynamo's eager backend keeps this
+    test fast on CPU; inductor with CUDA graphs runs on a GPU): greedy answers are unchanged, also for a
+    second batch of another size and prompt length (a new cache shape)."""
+    plain = _adapter(tiny_vlm, 1024 * 1024)
+    fast = _adapter(tiny_vlm, 1024 * 1024, compile="on")
+    fast.compile_backend = "eager"
+    assert fast.compiled_decode and fast.params()["compiled_decode"] is True
+    reqs = _requests()
+    assert fast.generate(reqs, max_new_tokens=10) == plain.generate(reqs, max_new_tokens=10) == GOLDEN[1024 * 1024][0]
+    assert fast.generate(reqs[1:3], max_new_tokens=6) == plain.generate(reqs[1:3], max_new_tokens=6)
+
+
+def test_vlm_compile_setting_resolves_per_device_and_reaches_the_adapter(tiny_vlm_dir):
+    from flywheel.errors import ConfigError
+    from flywheel.models import load_vlm
+
+    assert use_compiled_decode("auto", "cuda", "none") and not use_compiled_decode("auto", "cpu", "none")
+    assert not use_compiled_decode("auto", "cuda", "nf4")  # bitsandbytes layers do not compile
+    assert use_compiled_decode("on", "cpu", "none") and not use_compiled_decode("off", "cuda", "none")
+    with pytest.raises(ConfigError, match="vlm_compile"):
+        use_compiled_decode("fast", "cuda", "none")
+    assert ModelsConfig().vlm_compile == "auto"
+    vlm = load_vlm(str(tiny_vlm_dir), ModelsConfig(vlm_compile="off"))
+    assert vlm.params()["compile"] == "off" and vlm.params()["compiled_decode"] is False
+    with pytest.raises(ValueError, match="vlm_compile"):
+        ModelsConfig(vlm_compile="yes")
+
+
+def test_pixel_budget_reaches_the_processor_as_its_max_pixels(tiny_vlm):
+    ip = tiny_vlm.processor.image_processor
+    own = ip.size["longest_edge"]  # the model's own limit (112² for the tiny twin)
+    assert image_kwargs(ip, 56 * 56 * 2, None) == {"size": {"shortest_edge": 56 * 56, "longest_edge": 56 * 56 * 2}}
+    assert image_kwargs(ip, 10**8, None)["size"]["longest_edge"] == own  # a budget never raises the model's limit
+    assert image_kwargs(ip, 56 * 56, "cpu")["device"] == "cpu"  # torchvision processors run where they are told
+    # On a GPU images skip the PIL fit and the processor applies the budget: the same number of image tokens.
+    vlm = _adapter(tiny_vlm, 56 * 56 * 2)
+    req = [ChatRequest("Describe.", [Image.new("RGB", (1000, 800), "white")])]
+    cpu = vlm.encode(req)
+    vlm.device = "cuda"  # the GPU branch of encode; the model, so the processor's device, stays the CPU
+    gpu = vlm.encode(req)
+    assert gpu["pixel_values"].shape == cpu["pixel_values"].shape
+    assert gpu["image_grid_thw"].tolist() == cpu["image_grid_thw"].tolist()
+    assert int(cpu["image_grid_thw"].prod()) * 14 * 14 <= 56 * 56 * 2
+
+
+def test_static_cache_lengths_are_rounded_up_so_similar_prompts_share_a_shape():
+    assert cache_length(1255, 128) == cache_length(1300, 128) == 1536
+    assert cache_length(128, 128) == 256 and cache_length(129, 128) == 512
+
+
+@pytest.mark.slow
+def test_caption_benchmark_ci_mode_runs_every_path(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "vlm_caption.py"
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "device: cpu" in proc.stdout and "goal 15 images/s" in proc.stdout
+    paths = {(r["path"], r["batch"]) for r in json.loads(out.read_text())["rows"]}
+    assert paths == {("flywheel caption, compiled decode", 2), ("flywheel caption, compiled decode", 3),
+                     ("plain generate, static cache", 2), ("plain generate, static cache", 3),
+                     ("plain generate, dynamic cache", 2), ("plain generate, dynamic cache", 3),
+                     ("flywheel caption, decode not compiled", 2),
+                     ("judge yes/no scoring", 2), ("judge yes/no scoring", 3)}
