@@ -31,7 +31,7 @@ def service(monkeypatch):
         yield server
 
 
-def _configure(project, server, sources: int = 1, **api) -> None:
+def _configure(project, server, **api) -> None:
     """Every role on the service; one step per image in caption and judge, so a failure stops at one image."""
     from flywheel.sample import astronaut
 
@@ -52,9 +52,7 @@ def _configure(project, server, sources: int = 1, **api) -> None:
     project.close()
     folder = project.root.parent / "in"
     folder.mkdir()
-    image = astronaut().resize((256, 256), Image.Resampling.LANCZOS)
-    for i in range(sources):
-        (image if i == 0 else image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).save(folder / f"src{i}.png")
+    astronaut().resize((256, 256), Image.Resampling.LANCZOS).save(folder / "hero.png")
     _run(project, "ingest", str(folder))
 
 
@@ -85,15 +83,16 @@ def _assert_no_key(project, *texts: str) -> None:
         assert KEY not in text and KEY[:12] not in text
 
 
+@pytest.mark.slow  # three stages through the CLI; most of the time is the judge's pixel signals
 def test_enrich_caption_and_judge_run_through_the_service_with_a_row_per_call(project, service, caplog):
     caplog.set_level(logging.DEBUG)  # the openai and HTTP libraries' debug logging too: the key must not be there
-    _configure(project, service, sources=2)
+    _configure(project, service)
 
     out = _run(project, "enrich")
     notice = f"images will be sent to {service.base_url}"
-    assert notice in out and "enrich (api): 6 edits planned; 6 new" in out
+    assert notice in out and "enrich (api): 3 edits planned; 3 new" in out
     edits = _api_rows(project, "images.edit")
-    assert len(edits) == 6 and {e["status"] for e in edits} == {"ok"}
+    assert len(edits) == 3 and {e["status"] for e in edits} == {"ok"}
     e = edits[0]["params"]
     assert e["endpoint"] == service.base_url and e["model"] == "test-edit" and e["images"] == 1
     assert e["usage"] == {"input_tokens": 50, "output_tokens": 200, "total_tokens": 250}
@@ -101,24 +100,26 @@ def test_enrich_caption_and_judge_run_through_the_service_with_a_row_per_call(pr
     # Each call row hangs under the unit it made, and the image is the service's (here: a tint of the source).
     units = _query(project, "SELECT o.id, o.params_json, i.sha256 FROM operations o JOIN images i ON "
                             "i.operation_id = o.id WHERE o.stage = 'enrich' AND o.work_key IS NOT NULL ORDER BY o.id")
-    assert len(units) == 6 and sorted(r["parent_id"] for r in edits) == [u["id"] for u in units]
+    assert len(units) == 3 and sorted(r["parent_id"] for r in edits) == [u["id"] for u in units]
     assert all(u["params_json"].count("api:test-edit") for u in units)
 
+    service.fail("refuse", path="chat")  # the source's caption request: an unusable answer, so a template caption
     out = _run(project, "caption")
     assert notice not in out  # once per project and endpoint
     captions = _query(project, "SELECT text, source FROM captions ORDER BY image_id")
-    assert len(captions) == 8 and {c["source"] for c in captions} == {"vlm"}
-    assert captions[0]["text"] == "fw_test, standing in a forest clearing, soft morning light, three-quarter view"
+    assert [c["source"] for c in captions] == ["template", "vlm", "vlm", "vlm"]
+    assert captions[1]["text"] == "fw_test, standing in a forest clearing, soft morning light, three-quarter view"
     chats = _api_rows(project, "chat.completions")
-    assert len(chats) == 8 and all(c["params"]["usage"]["prompt_tokens"] == 120 for c in chats)
-    assert chats[0]["params"]["estimated_cost_usd"] == pytest.approx(120 / 1000 + 8 / 1000 * 2.0)
+    assert len(chats) == 4 and all(c["params"]["usage"]["prompt_tokens"] == 120 for c in chats)
+    assert chats[0]["params"]["refusal"] == "I can't help with judging this image." and chats[0]["status"] == "ok"
+    assert chats[1]["params"]["estimated_cost_usd"] == pytest.approx(120 / 1000 + 8 / 1000 * 2.0)
 
     _run(project, "judge")
     verdicts = _query(project, "SELECT verdict, reason FROM verdicts")
-    assert len(verdicts) == 6
+    assert len(verdicts) == 3 and {v["verdict"] for v in verdicts} == {"accepted"}, verdicts
     pairwise = _query(project, "SELECT value, details_json FROM scores WHERE scorer = 'vlm_pairwise:api:test-vlm' "
                                "AND criterion = 'identity'")
-    assert len(pairwise) == 6 and pairwise[0]["value"] == pytest.approx(0.91 / 0.99)  # "Yes" + "yes" against "No"
+    assert len(pairwise) == 3 and pairwise[0]["value"] == pytest.approx(0.91 / 0.99)  # "Yes" + "yes" against "No"
     assert json.loads(pairwise[0]["details_json"])["answer_from"] == "logprobs"
     verdict_scores = _query(project, "SELECT value, details_json FROM scores WHERE scorer = 'vlm_verdict:api:test-vlm'")
     assert verdict_scores and "same face, new background" in verdict_scores[0]["details_json"]
@@ -127,25 +128,25 @@ def test_enrich_caption_and_judge_run_through_the_service_with_a_row_per_call(pr
     _assert_no_key(project, out, caplog.text)
 
 
+@pytest.mark.slow  # the waits are the faults': Retry-After 1 s, backoff, timeouts
 def test_faults_are_retried_or_recorded_and_a_rerun_redoes_only_what_failed(project, service, caplog):
     caplog.set_level(logging.DEBUG)
-    _configure(project, service)
-    # enrich: forest gets 429 (Retry-After: 1) then 500, both retried; beach is refused; sunset times out.
+    _configure(project, service, max_retries=1, timeout_s=0.3)
+    # enrich: forest gets 429 with Retry-After: 1 and is retried; beach is refused; sunset times out twice.
     service.fail("status", path="edits", when="forest", status=429, headers={"Retry-After": "1"})
-    service.fail("status", path="edits", when="forest", status=500)
     service.fail("refuse", path="edits", when="beach")
-    service.fail("sleep", path="edits", when="sunset", seconds=0.8, times=3)
+    service.fail("sleep", path="edits", when="sunset", seconds=0.6, times=2)
     out = _run(project, "enrich")
     assert "enrich (api): 3 edits planned; 1 new, 0 already done, 2 failed (re-run to retry)" in out
     forest = [s for s in service.seen("edits") if "forest" in s.prompt]
-    assert [s.status for s in forest] == [429, 500, 200] and forest[1].at - forest[0].at >= 0.95  # Retry-After
+    assert [s.status for s in forest] == [429, 200] and forest[1].at - forest[0].at >= 0.95  # Retry-After
     failed = {json.loads(r["params_json"])["recipe"]: r["error"] for r in _query(
         project, "SELECT params_json, error FROM operations WHERE stage = 'enrich' AND status = 'failed' "
                  "AND work_key IS NOT NULL")}
     assert set(failed) == {"beach", "sunset"}
     assert "refused the request (content policy): Your request was rejected as a result of our safety system" \
         in failed["beach"]
-    assert "no answer within 0.5 s (after 2 retries)" in failed["sunset"]
+    assert "no answer within 0.3 s (after 1 retry)" in failed["sunset"]
     calls = _api_rows(project, "images.edit")
     assert [c["status"] for c in calls] == ["ok", "failed", "failed"]
     assert calls[1]["params"]["refusal"].startswith("Your request was rejected")
@@ -157,24 +158,25 @@ def test_faults_are_retried_or_recorded_and_a_rerun_redoes_only_what_failed(proj
     redone = service.seen("edits")[before:]
     assert sorted(next(r for r in RECIPES if r in s.prompt) for s in redone) == ["beach", "sunset"]
 
-    # caption: the third image's request fails three times (500): the stage stops with one line and keeps the
-    # first two captions; the re-run asks only for the other two.
-    service.fail("status", path="chat", status=500, times=3, after=2)
+    # caption: the first image's request gets a 500 and is retried; the second's fails twice: the stage stops
+    # with one line and keeps the first caption; the re-run asks only for the other three.
+    service.fail("status", path="chat", status=500)
+    service.fail("status", path="chat", status=500, times=2, after=1)
     out = _run(project, "caption", ok=False)
-    assert re.search(r"Error: api:test-vlm at http://127\.0\.0\.1:\d+/v1: HTTP 500 after 2 retries", out)
-    assert len(_query(project, "SELECT id FROM captions")) == 2
-    before = len(service.seen("chat"))
+    assert re.search(r"Error: api:test-vlm at http://127\.0\.0\.1:\d+/v1: HTTP 500 after 1 retry: injected", out)
+    assert [s.status for s in service.seen("chat")] == [500, 200, 500, 500]
+    assert len(_query(project, "SELECT id FROM captions")) == 1
     _run(project, "caption")
-    assert len(_query(project, "SELECT id FROM captions")) == 4 and len(service.seen("chat")) - before == 2
+    assert len(_query(project, "SELECT id FROM captions")) == 4 and len(service.seen("chat")) == 4 + 3
 
     # judge: image 1's JSON verdict is malformed twice; image 2's verdict and identity question are refused;
     # image 3's first question times out: the stage stops; a re-run judges image 3 only.
     service.fail("text", path="chat", when="JSON object", text="Looks fine to me!", times=2)
     service.fail("refuse", path="chat", when="JSON object", times=2)
     service.fail("refuse", path="chat", when="same character", after=1)
-    service.fail("sleep", path="chat", when="same character", seconds=0.8, times=3)
+    service.fail("sleep", path="chat", when="same character", seconds=0.6, times=2)
     out = _run(project, "judge", ok=False)
-    assert "no answer within 0.5 s" in out
+    assert "no answer within 0.3 s" in out
     verdicts = _query(project, "SELECT image_id, verdict, reason FROM verdicts ORDER BY image_id")
     assert [v["verdict"] for v in verdicts] == ["needs_review", "needs_review"], [v["reason"] for v in verdicts]
     assert "judge output unparseable (no JSON object with the verdict keys)" in verdicts[0]["reason"]

@@ -240,9 +240,10 @@ def load_api(spec: str, role: str | None, *, api: ApiConfig | None = None, recor
 
     cfg = api or ApiConfig()
     named = spec.partition(":")[2]
-    if overrides:
-        raise ConfigError(f"'{spec}' is a service: the settings {sorted(overrides)} do not apply to it",
-                          hint="remove them from [enrich] (steps, guidance, LoRAs are local-model settings)")
+    if overrides:  # [enrich] steps / guidance / LoRAs, or tune-judge's quantized local copy
+        raise ConfigError(f"'{spec}' is a service: the local model settings {sorted(overrides)} do not apply to it",
+                          hint="remove them from [enrich], or use a local preset for this role (tune-judge trains "
+                          "a local VLM: `flywheel models list`)")
     if role in (None, "vlm"):
         from flywheel.models.openai_vlm import OpenAIVLM
 
