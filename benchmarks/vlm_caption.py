@@ -19,7 +19,6 @@ Every row: images/s, peak GiB; the compilation's one-off cost is reported on its
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
@@ -90,7 +89,7 @@ class Clock:
         return out, seconds, peak
 
 
-def main() -> None:  # noqa: PLR0915 (one measurement script, read top to bottom)
+def main() -> None:  # one measurement script, read top to bottom
     import numpy as np
     import torch
     import transformers
@@ -98,7 +97,7 @@ def main() -> None:  # noqa: PLR0915 (one measurement script, read top to bottom
 
     from flywheel.models.base import ChatRequest
     from flywheel.models.qwen_vl import QwenVLModel
-    from flywheel.models.vlm_speed import decode_kwargs, image_kwargs
+    from flywheel.models.vlm_speed import decode_kwargs
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny config: checks the code path, measures nothing")
@@ -106,13 +105,16 @@ def main() -> None:  # noqa: PLR0915 (one measurement script, read top to bottom
     ap.add_argument("--batches", default="32,64,128")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--plain-batches", default=None, help="batches for plain model.generate (default: --batches)")
     ap.add_argument("--eager-batches", default="32", help="batches for Flywheel with the compiled decode off")
+    ap.add_argument("--budget-s", type=float, default=3600, help="skip what is left after this many seconds")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:
         args.size, args.new_tokens, args.batches, args.eager_batches = 128, 8, "2,3", "2"
     batches = [int(b) for b in args.batches.split(",")]
+    plain_batches = [int(b) for b in (args.plain_batches or args.batches).split(",") if b]
     eager_batches = [int(b) for b in args.eager_batches.split(",") if b]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name} | torch {torch.__version__} | transformers {transformers.__version__}", flush=True)
@@ -139,13 +141,15 @@ def main() -> None:  # noqa: PLR0915 (one measurement script, read top to bottom
     def requests(b: int, text: str = PROMPT) -> list:
         return [ChatRequest(text, [pool[i % len(pool)]]) for i in range(b)]
 
+    cache: dict[int, object] = {}
+
     def prepared(b: int):
-        """Plain transformers usage: chat template + processor on the CPU, then the tensors moved."""
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-        text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        kwargs = image_kwargs(processor.image_processor, BUDGET, None)
-        return processor(text=[text] * b, images=[pool[i % len(pool)] for i in range(b)], padding=True,
-                         return_tensors="pt", **kwargs).to(device)
+        """The model inputs, prepared before timing (the adapter's own encoding, so both paths see the same
+        tensors); plain ``generate`` is then timed on them alone."""
+        if b not in cache:
+            cache.clear()  # one batch's tensors at a time
+            cache[b] = vlm.encode(requests(b))
+        return cache[b]
 
     def plain(inputs, new_tokens: int, static: bool):
         extra = decode_kwargs(device, inputs["input_ids"].shape[1], new_tokens, backend=vlm.compile_backend) \
@@ -160,57 +164,83 @@ def main() -> None:  # noqa: PLR0915 (one measurement script, read top to bottom
         assert len(out) == b
         return out
 
-    # 0. Warm-up (kernel selection, allocator growth) at every timed shape, with a few tokens.
-    for b in batches:
-        plain(prepared(b), 4, static=False)
-    # 1. Flywheel's caption path with the compiled decode: the first call compiles (reported on its own).
-    print(f"\n{args.new_tokens} new tokens per {args.size}² image, greedy (min = max)", flush=True)
-    vlm.compiled_decode = True
-    _, first_s, _ = clock(lambda: caption(batches[0], args.new_tokens))
-    for b in batches:  # a new shape records its CUDA graphs (or, once, compiles again): a short call, timed apart
+    deadline = time.perf_counter() + args.budget_s
+
+    def phase(title: str, fn, sizes: list[int]) -> None:
+        """One measured path at each batch size; a failure or the time budget skips the rest of the path only."""
+        t_phase = time.perf_counter()
+        for b in sizes:
+            if time.perf_counter() > deadline:
+                print(f"  {title} at batch {b}: skipped (--budget-s spent)", flush=True)
+                return
+            try:
+                fn(b)
+            except Exception as err:  # noqa: BLE001 (the other paths are still worth measuring)
+                print(f"  {title} at batch {b} FAILED: {type(err).__name__}: {err}", flush=True)
+                rows.append(dict(path=title, batch=b, error=f"{type(err).__name__}: {err}"))
+                return
+        print(f"    ({title}: {time.perf_counter() - t_phase:.0f} s in all)", flush=True)
+
+    def plain_dynamic(b: int) -> None:
+        inputs = prepared(b)
+        plain(inputs, 4, static=False)  # warm-up: kernel selection, allocator growth
+        _, s, peak = clock(lambda: plain(inputs, args.new_tokens, static=False))
+        record("plain generate, dynamic cache", b, s, peak)
+
+    first: dict[str, float] = {}
+
+    def fly_compiled(b: int) -> None:
+        vlm.compiled_decode = True
+        if not first:  # the process's first compiled call: compilation included, reported on its own
+            _, first["s"], _ = clock(lambda: caption(b, args.new_tokens))
+        # A new shape records CUDA graphs (or, once, compiles again with dynamic shapes): a short call, timed apart.
         _, warm_s, _ = clock(lambda: caption(b, 4))
         _, s, peak = clock(lambda: caption(b, args.new_tokens))
         record("flywheel caption, compiled decode", b, s, peak, new_shape_s=warm_s)
-        print(f"    (a {b}-image call of 4 tokens before it, new shape: {warm_s:.1f} s)", flush=True)
-        if b == batches[0]:
-            rows[-1]["first_call_s"] = first_s
-            print(f"    (first call {first_s:.1f} s: compilation ~{first_s - s:.1f} s, once per process)", flush=True)
-    # 2. Plain model.generate, static cache: the same compiled step (already compiled above).
-    for b in batches:
+        print(f"    (before it: a 4-token call at this new shape {warm_s:.1f} s)", flush=True)
+        if "reported" not in first:
+            first["reported"] = 1
+            rows[-1]["first_call_s"] = first["s"]
+            print(f"    (first call {first['s']:.1f} s: compilation ~{first['s'] - s:.1f} s, once per process)",
+                  flush=True)
+
+    def plain_static(b: int) -> None:
         inputs = prepared(b)
         plain(inputs, 4, static=True)
         _, s, peak = clock(lambda: plain(inputs, args.new_tokens, static=True))
         record("plain generate, static cache", b, s, peak)
-    # 3. Plain model.generate, default (dynamic) cache: the baseline.
-    for b in batches:
-        inputs = prepared(b)
-        _, s, peak = clock(lambda: plain(inputs, args.new_tokens, static=False))
-        record("plain generate, dynamic cache", b, s, peak)
-    # 4. Flywheel with the compiled decode off (vlm_compile = "off").
-    vlm.compiled_decode = False
-    for b in eager_batches:
+
+    def fly_eager(b: int) -> None:
+        vlm.compiled_decode = False
+        caption(b, 4)
         _, s, peak = clock(lambda: caption(b, args.new_tokens))
         record("flywheel caption, decode not compiled", b, s, peak)
-    # 5. The judge's yes/no scoring: one forward pass per question (no decoding).
-    for b in batches:
+
+    def judge(b: int) -> None:
         vlm.batch_size = b
         vlm.option_probabilities(requests(b, QUESTION), ["yes", "no"])
         out, s, peak = clock(lambda: vlm.option_probabilities(requests(b, QUESTION), ["yes", "no"]))
         assert len(out) == b and all(abs(p["yes"] + p["no"] - 1) < 1e-6 for p in out)
         record("judge yes/no scoring", b, s, peak)
 
+    print(f"\n{args.new_tokens} new tokens per {args.size}² image, greedy (min = max); in order of priority",
+          flush=True)
+    phase("plain generate, dynamic cache", plain_dynamic, plain_batches)  # 1. the baseline
+    phase("judge yes/no scoring", judge, batches)  # 2. the judge: one forward pass per question
+    phase("flywheel caption, compiled decode", fly_compiled, batches)  # 3. the default caption path on a GPU
+    phase("plain generate, static cache", plain_static, batches)  # 4. the same compiled step, without Flywheel
+    phase("flywheel caption, decode not compiled", fly_eager, eager_batches)  # 5. vlm_compile = "off"
+
     best = {}
-    for r in rows:
+    for r in (r for r in rows if "error" not in r):
         best[r["path"]] = max(best.get(r["path"], 0.0), r["images_per_s"])
     print(f"\nbest images/s on {name}: " + "; ".join(f"{k} {v:.2f}" for k, v in best.items()))
-    fly, ref = best["flywheel caption, compiled decode"], best["plain generate, dynamic cache"]
+    fly, ref = best.get("flywheel caption, compiled decode", 0.0), best.get("plain generate, dynamic cache", float("nan"))
     print(f"Flywheel caption path vs plain model.generate (default cache): {fly / ref:.2f}x; goal 15 images/s: "
           f"{'met' if fly >= 15 else 'not met'} ({fly:.2f})")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "new_tokens": args.new_tokens,
                                          "size": args.size, "rows": rows}, indent=1))
-    del vlm, model
-    gc.collect()
 
 
 if __name__ == "__main__":
