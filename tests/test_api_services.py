@@ -219,7 +219,8 @@ def test_yes_no_answers_without_logprobs_are_read_from_the_text_and_say_so(servi
 
     service.logprobs = False
     recorded = []
-    vlm = OpenAIVLM(ApiConfig(base_url=service.base_url, api_key_env=ENV), "local-vl", recorder=recorded.append)
+    cfg = ApiConfig(base_url=service.base_url, api_key_env=ENV, concurrency=1)  # in order: the 2nd gets the fault
+    vlm = OpenAIVLM(cfg, "local-vl", recorder=recorded.append)
     image = Image.new("RGB", (32, 32), "red")
     service.fail("text", path="chat", text="Maybe.", after=1)
     probs = vlm.option_probabilities([ChatRequest("Same character? Answer yes or no.", [image, image])] * 2,
