@@ -1,0 +1,193 @@
+"""Data-parallel LoRA training: what one rank of ``flywheel train --gpus N`` does differently in the loop.
+
+The design goal is that N ranks with ``batch_size`` B train the same LoRA as one process with batch N*B:
+
+- the data order is planned with the global micro-batch N*B (``micro_batch``), so every rank walks the same
+  list of global batches;
+- every rank draws the *whole* global batch's caption dropout, t and noise from the run's seeded generator
+  and keeps its own contiguous slice (``Ranks.part``), so the draws, and the generator state checkpointed
+  after them, are exactly those of the one-process run;
+- each rank's loss is its slice's share of the global mean (slice mean x slice size / global size /
+  accumulation), and after the micro-batches of one optimizer step the LoRA gradients (and the loss) are
+  summed across ranks in one ``all_reduce``: the summed gradient is the one-process gradient, up to float
+  reduction order. Clipping and AdamW then run on identical gradients on every rank, so the LoRAs stay
+  identical without a broadcast per step (one broadcast from rank 0 at the start guards the initial state).
+
+A last, smaller batch of a bucket is split unevenly (a rank can get nothing: it only joins the all_reduce).
+``Ranks()`` (one process, no process group) is the plain path: with ``gradient_accumulation = 1`` its step
+is ``training.step.train_step`` itself; the distributed step does the same operations in the same order
+when a rank holds the whole batch (one rank, no accumulation), which the tests hold it to, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from flywheel.errors import ConfigError, NoGPUError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ranks:
+    """This process's place in the run: rank, world size, and whether a process group is up."""
+
+    rank: int = 0
+    world: int = 1
+    group: bool = False  # torch.distributed is initialised (the --gpus path, also with one GPU)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes checkpoints, samples, LoRA files and (through the parent) the catalog."""
+        return self.rank == 0
+
+    def part(self, n: int) -> slice:
+        """This rank's contiguous share of a global batch of ``n`` items (sizes differ by at most one)."""
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def barrier(self) -> None:
+        if self.group:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. encodes the caches), the others after it (and read its files)."""
+        if not self.main:
+            self.barrier()
+        yield
+        if self.main:
+            self.barrier()
+
+    def broadcast(self, params: dict[str, Any]) -> None:
+        """Every rank starts from rank 0's LoRA (they are identical by construction; this guards it)."""
+        if not self.group or self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for name in sorted(params):
+            dist.broadcast(params[name].data, src=0)
+
+    def step(self, family, transformer, optimizer, micro: list[list[int]], make_batch: Callable[[list[int]], Any],
+             generator, *, params: list, guidance: float = 1.0, sampling: str = "shifted_sigmoid",
+             max_grad_norm: float | None = 1.0, lr_scheduler=None):
+        """One optimizer step over ``micro``, the global micro-batches (image ids) it accumulates; returns the
+        global mean loss (the same on every rank). ``make_batch(ids)`` draws the caption dropout of every id
+        and returns the whole global batch on this rank's device (a few MB of cached tensors)."""
+        import torch
+
+        from flywheel.training.flux_step import sample_sigmas
+        from flywheel.training.step import train_step
+
+        if not self.group and len(micro) == 1:  # the plain path: exactly today's step
+            return train_step(family, transformer, optimizer, make_batch(micro[0]), generator, params=params,
+                              guidance=guidance, sampling=sampling, max_grad_norm=max_grad_norm,
+                              lr_scheduler=lr_scheduler)
+        total = None
+        for ids in micro:
+            batch = make_batch(ids)
+            lat = batch.latents
+            n = lat.shape[0]
+            sigmas = sample_sigmas(n, generator, image_seq_len=family.image_seq_len(lat), sampling=sampling)
+            noise = torch.randn(lat.shape, generator=generator, dtype=torch.float32).to(lat.device, lat.dtype)
+            part = self.part(n)
+            share = (part.stop - part.start) / n / len(micro)
+            if share == 0:
+                continue  # nothing of this batch on this rank: it still joins the all_reduce below
+            if share != 1:
+                batch, noise, sigmas = _slice(batch, part), noise[part], sigmas[part]
+            loss = family.loss(transformer, batch, noise, sigmas, guidance=guidance)
+            if share != 1:  # the one-process path multiplies by nothing, so its floats are untouched
+                loss = loss * share
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        if total is None:
+            total = torch.zeros((), device=_device_of(params))
+        if self.group:
+            total = _all_reduce(params, total)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+        return total
+
+
+def micro_batch(cfg) -> int:
+    """Images per global micro-batch, the unit the data order is planned in: gpus x batch_size."""
+    return cfg.batch_size * max(1, getattr(cfg, "gpus", 0))
+
+
+def effective_batch(cfg) -> int:
+    """Images per optimizer step: gpus x batch_size x gradient_accumulation."""
+    return micro_batch(cfg) * getattr(cfg, "gradient_accumulation", 1)
+
+
+def describe(cfg) -> dict:
+    """The batch arithmetic, for the log and the run's config.json."""
+    gpus = getattr(cfg, "gpus", 0)
+    return {"gpus": gpus, "processes": max(1, gpus), "batch_size_per_process": cfg.batch_size,
+            "gradient_accumulation": getattr(cfg, "gradient_accumulation", 1), "effective_batch": effective_batch(cfg),
+            "path": "distributed" if gpus else "single process"}
+
+
+def requested_device(project, device: str | None) -> str:
+    """The device the user asked for: the stage's override, else [models] base device ('auto', 'cpu', ...)."""
+    return device or project.config.models.for_role("base")["device"]
+
+
+def check(gpus: int, device: str) -> tuple[str, int]:
+    """(backend, first CUDA index) for ``gpus`` processes on ``device``, or a one-line error before anything
+    is recorded: CPU processes (gloo) only when the CPU is asked for by name; otherwise N visible GPUs."""
+    if not gpus:
+        return "", 0
+    if device == "cpu":
+        return "gloo", 0
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise NoGPUError(f"[train] gpus = {gpus} (--gpus {gpus}) needs {gpus} CUDA GPU(s), but PyTorch sees none",
+                         hint="train in one process (leave out --gpus / set [train] gpus = 0), or test the "
+                         f"multi-process path on the CPU with --gpus {gpus} --device cpu")
+    first = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+    if first + gpus > count:
+        names = ", ".join(f"{i}: {torch.cuda.get_device_name(i)}" for i in range(count))
+        raise ConfigError(f"[train] gpus = {gpus} (--gpus {gpus}) asks for more GPUs than are visible "
+                          f"({count - first} from cuda:{first}; {names})",
+                          hint=f"use --gpus {count - first} or fewer; CUDA_VISIBLE_DEVICES chooses which are visible")
+    return "nccl", first
+
+
+def _slice(batch, part: slice):
+    """This rank's rows of a batch dataclass: every tensor field is batch-first (None fields stay None)."""
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[part] for f in dataclasses.fields(batch)
+                                         if getattr(batch, f.name) is not None})
+
+
+def _device_of(params: list):
+    return params[0].device if params else "cpu"
+
+
+def _all_reduce(params: list, total):
+    """Sum the LoRA gradients and the loss over the ranks in one collective (a rank without items in this
+    step sends zeros); the results are identical on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [total.reshape(1).float()])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+        offset += n
+    return flat[offset]
