@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${FLYWHEEL_VENV:-.venv}
-EXTRAS="face,composite,dev,lowvram,api"
+EXTRAS="face,composite,dev,lowvram,api,ray"
 stamp="$VENV/.flywheel-installed"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flywheel.catalog.queries import EFFECTIVE_DECISION
+from flywheel.compute import Outcome, UnitFailed, map_calls
 from flywheel.config import CaptionConfig, Config
 from flywheel.errors import ModelOutputError, StageError
 from flywheel.models.base import ChatRequest, VisionLanguageModel
@@ -182,28 +183,49 @@ def _caption(project: Project, config: Config, vlm, todo, policy: str, prompt: s
     with catalog.operation("caption", kind="stage_run", model=vlm.model_id if ccfg.mode == "vlm" else "template",
                            params=run_params) as run_id:
         progress(0, len(todo), "captions")
-        for start in range(0, len(todo), ccfg.batch_size):
-            batch = todo[start:start + ccfg.batch_size]
-            # 3. Ask the VLM for the whole batch (one recorded call), or use templates.
-            answers: list[str | None] = [None] * len(batch)
-            call_id = run_id
+        batches = [todo[i:i + ccfg.batch_size] for i in range(0, len(todo), ccfg.batch_size)]
+        # 3. Ask the VLM for each batch (one recorded call; here, or on Ray replicas: flywheel.compute), or
+        #    use templates.
+        if ccfg.mode == "vlm":
+            calls = ((b, ([ChatRequest(text=prompt, images=[project.store.open_image(r["sha256"])]) for r in b],))
+                     for b in batches)
+            outcomes = map_calls(vlm, "generate", calls, max_new_tokens=ccfg.max_new_tokens)
+        else:
+            outcomes = (Outcome(b, [None] * len(b)) for b in batches)
+        done = 0
+        for out in outcomes:
+            batch, answers, call_id = out.item, out.value, run_id
             if ccfg.mode == "vlm":
-                requests = [ChatRequest(text=prompt, images=[project.store.open_image(r["sha256"])]) for r in batch]
-                params = {"policy": policy, "prompt": prompt, "image_ids": [r["id"] for r in batch],
-                          "max_new_tokens": ccfg.max_new_tokens, **vlm.params()}
-                with catalog.operation("caption", model=vlm.model_id, params=params, parent_id=run_id) as call_id:
-                    answers = list(vlm.generate(requests, max_new_tokens=ccfg.max_new_tokens))
-                if len(answers) != len(batch):  # zip() would pair captions with the wrong images
-                    raise ModelOutputError(f"{vlm.model_id} returned {len(answers)} captions for {len(batch)} images",
-                                           hint="this is a bug in the model adapter; report it with the model name")
+                call_id = _record_call(project, vlm, ccfg, policy, prompt, batch, out, run_id)
+                if isinstance(out.error, UnitFailed):  # failed on the cluster after its retries: a re-run retries
+                    result.failed.extend(r["id"] for r in batch)
+                    continue
             # 4. Validate each answer; fall back to a template caption when it is unusable.
             with catalog.transaction():
                 for row, answer in zip(batch, answers):
                     _write_caption(project, row, answer, trigger, ccfg, call_id, run_id, result)
-            progress(min(start + len(batch), len(todo)), len(todo), "captions")
+            done += len(batch)
+            progress(done, len(todo), "captions")
     log.info("caption: %d by the VLM, %d from templates, %d failed (policy %s)",
              result.count("vlm"), result.count("template"), len(result.failed), policy)
     return result
+
+
+def _record_call(project: Project, vlm, ccfg: CaptionConfig, policy: str, prompt: str, batch, out: Outcome,
+                 run_id: int) -> int:
+    """The VLM call's operation row (its time, and its error if it failed); a local error stops the stage."""
+    params = {"policy": policy, "prompt": prompt, "image_ids": [r["id"] for r in batch],
+              "max_new_tokens": ccfg.max_new_tokens, **vlm.params()}
+    call_id = project.catalog.start_operation("caption", model=vlm.model_id, params=params, parent_id=run_id)
+    err = out.error
+    if err is None and len(out.value) != len(batch):  # zip() would pair captions with the wrong images
+        err = ModelOutputError(f"{vlm.model_id} returned {len(out.value)} captions for {len(batch)} images",
+                               hint="this is a bug in the model adapter; report it with the model name")
+    project.catalog.finish_operation(call_id, "ok" if err is None else "failed", int(out.seconds * 1000),
+                                     None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None and not isinstance(err, UnitFailed):
+        raise err
+    return call_id
 
 
 def _write_caption(project: Project, row: dict[str, Any], answer: str | None, trigger: str, ccfg: CaptionConfig,

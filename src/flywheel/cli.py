@@ -279,11 +279,19 @@ def demo(directory: Path) -> None:
 
 
 @main.command("run")
+@click.argument("projects", nargs=-1, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--queue", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="A file of project folders, one per line, read again after each project (appended lines run too).")
 @click.pass_context
-def run_(ctx: click.Context) -> None:
-    """Walk the whole data flywheel ([loop] in flywheel.toml); re-run to resume after a stop or a crash."""
+def run_(ctx: click.Context, projects: tuple[Path, ...], queue: Path | None) -> None:
+    """Walk the whole data flywheel ([loop] in flywheel.toml); re-run to resume after a stop or a crash.
+
+    With PROJECTS (folders) or --queue, runs each project in turn through one cluster and prints a status table
+    (docs/scaling.md)."""
     from flywheel.loop import run_loop
 
+    if projects or queue:
+        return _run_many(list(projects), queue)
     with _open(ctx) as project, rich_progress("flywheel") as progress:
         result = run_loop(project, progress=progress, on_step=lambda s: click.echo(f"» {s}"))
     if result.waiting_for_review:
@@ -293,6 +301,25 @@ def run_(ctx: click.Context) -> None:
         click.echo(f"Done. Evaluation: {result.verdict.replace('_', ' ')}. Report: {result.report}")
     else:
         click.echo("Done.")
+
+
+def _run_many(folders: list[Path], queue: Path | None) -> None:
+    from rich.table import Table
+
+    from flywheel.compute.projects import queued_folders, run_projects
+
+    def table(runs) -> None:
+        t = Table("project", "status", "detail", "time", title="flywheel run: projects")
+        for r in runs:
+            t.add_row(r.folder.name, r.status, r.detail, f"{r.seconds / 60:.1f} min" if r.seconds else "")
+        _console().print(t)
+
+    with rich_progress("flywheel") as progress:
+        runs = run_projects(queued_folders(folders, queue), progress=progress,
+                            on_step=lambda s: click.echo(f"» {s}"))
+    table(runs)
+    if any(r.status == "failed" for r in runs):
+        sys.exit(1)
 
 
 @main.command()

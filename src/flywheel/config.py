@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from flywheel.config_api import ApiConfig
+from flywheel.config_compute import ComputeConfig
 from flywheel.config_base import Section
 from flywheel.config_models import (
     ROLES,
@@ -245,6 +246,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     loop: LoopConfig = LoopConfig()
     api: ApiConfig = ApiConfig()  # OpenAI-compatible services (config_api.py, docs/api.md)
+    compute: ComputeConfig = ComputeConfig()  # where batch stages run: here or on Ray (config_compute.py)
 
     @model_validator(mode="after")
     def _enrich_backend_from_stack(self) -> Config:

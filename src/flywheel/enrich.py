@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image
 
 from flywheel.catalog.queries import KEPT_SOURCES
+from flywheel.compute import UnitFailed, map_calls
 from flywheel.config import EnrichConfig, ModelsConfig
 from flywheel.enrich_settings import editor_settings, settings_tag
 from flywheel.errors import ConfigError, ModelOutputError, StageError
@@ -133,6 +134,11 @@ def enrich(project: Project, cfg: EnrichConfig | None = None, editor: ImageEdito
 
     with stage_pool(project, pool, STAGE) as models:
         composite = editor is None and cfg.backend == "composite"  # not a pooled model: closed here
+        if composite:  # a CPU model: replicas on Ray actors with [compute] backend = "ray" (flywheel.compute)
+            from flywheel.compute import remote
+            from flywheel.models.composite import CompositeEditor
+
+            editor = remote(project.config.compute, CompositeEditor, "composite")
         editor = editor or load_enrich_editor(cfg, project.config.models, models, base=project.root)
         try:
             _edit_all(project, cfg, editor, units, todo, batches, done, result, progress)
@@ -163,32 +169,43 @@ def _edit_all(project: Project, cfg: EnrichConfig, editor: ImageEditor, units, t
         "backend": cfg.backend, "planned": result.planned, "todo": len(todo), "recipes": cfg.recipes,
         "seeds": cfg.seeds, "batch_size": cfg.batch_size, "references": n_refs,
     }) as run_id:
-        finished = result.already_done
-        for batch in batches:
-            missing = [u for u in batch if u.work_key not in done]
-            refs = {u.work_key: [i for i in sources if i != u.source_id][:n_refs] for u in batch}
-            ops = [_start_unit(project, u, editor, cfg, run_id, refs[u.work_key], len(batch)) for u in missing]
-            requests = [EditRequest(image=load(u.source_id), prompt=u.recipe.full_prompt, seed=u.seed,
-                                    references=[load(i) for i in refs[u.work_key]], recipe=u.recipe) for u in batch]
-            t0 = time.perf_counter()
-            try:
-                outputs = editor.edit(requests)
-                if len(outputs) != len(batch):
-                    raise ModelOutputError(f"the editor returned {len(outputs)} images for {len(batch)} requests")
-            except ModelOutputError as err:  # this batch's inputs are unusable: record, go on
-                _fail(project, ops, t0, err)
-                result.failed.extend((u.work_key, str(err).split("\n")[0]) for u in missing)
-                log.warning("enrich: %d edit(s) failed: %s", len(missing), str(err).split("\n")[0])
-                continue
-            except BaseException as err:  # anything else stops the run; a re-run redoes these units
-                _fail(project, ops, t0, err)
-                raise
-            ms = int((time.perf_counter() - t0) * 1000 / len(batch))
-            by_key = {u.work_key: out for u, out in zip(batch, outputs)}
-            for unit, op_id in zip(missing, ops):
-                _record(project, unit, op_id, by_key[unit.work_key], refs[unit.work_key], ms, result)
-            finished += len(missing)
-            progress(finished, result.planned, f"edits ({batch[-1].recipe.id})")
+        finished, running = result.already_done + len(result.made) + result.identical, {}
+
+        def calls():  # each batch's 'running' rows and inputs, made just before it runs (here or on Ray)
+            for batch in batches:
+                missing = [u for u in batch if u.work_key not in done]
+                refs = {u.work_key: [i for i in sources if i != u.source_id][:n_refs] for u in batch}
+                running[batch[0].work_key] = ops = [
+                    _start_unit(project, u, editor, cfg, run_id, refs[u.work_key], len(batch)) for u in missing]
+                requests = [EditRequest(image=load(u.source_id), prompt=u.recipe.full_prompt, seed=u.seed,
+                                        references=[load(i) for i in refs[u.work_key]], recipe=u.recipe) for u in batch]
+                yield (batch, missing, refs, ops), (requests,)
+
+        try:
+            for out in map_calls(editor, "edit", calls()):
+                (batch, missing, refs, ops), outputs, err = out.item, out.value, out.error
+                running.pop(batch[0].work_key)  # from here on its rows are finished here, or left for a re-run
+                t0 = time.perf_counter() - out.seconds
+                if err is None and len(outputs) != len(batch):
+                    err = ModelOutputError(f"the editor returned {len(outputs)} images for {len(batch)} requests")
+                if isinstance(err, (ModelOutputError, UnitFailed)):  # this batch's inputs are unusable: record, go on
+                    _fail(project, ops, t0, err)
+                    result.failed.extend((u.work_key, str(err).split("\n")[0]) for u in missing)
+                    log.warning("enrich: %d edit(s) failed: %s", len(missing), str(err).split("\n")[0])
+                elif err is not None:
+                    _fail(project, ops, t0, err)
+                    raise err
+                else:
+                    ms = int(out.seconds * 1000 / len(batch))
+                    by_key = {u.work_key: image for u, image in zip(batch, outputs)}
+                    for unit, op_id in zip(missing, ops):
+                        _record(project, unit, op_id, by_key[unit.work_key], refs[unit.work_key], ms, result)
+                    finished += len(missing)
+                    progress(finished, result.planned, f"edits ({batch[-1].recipe.id})")
+        except BaseException as err:  # anything else stops the run; a re-run redoes the units not recorded
+            for ops in running.values():
+                _fail(project, ops, time.perf_counter(), err)
+            raise
 
 
 def load_enrich_editor(cfg: EnrichConfig, models: ModelsConfig, pool=None, base: Path | None = None) -> ImageEditor:

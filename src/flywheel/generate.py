@@ -37,6 +37,7 @@ class GenerateResult:
     lora_run_id: int
     image_ids: list[int] = field(default_factory=list)
     skipped: int = 0
+    failed: list[str] = field(default_factory=list)  # work keys that failed on the cluster (a re-run retries)
 
 
 def shipped_prompts(name: str) -> list[str]:
@@ -121,39 +122,60 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
 def _render(project, model, *, plan_batches, done, stage, run, lora_path, settings, cfg, purpose, n_todo, result,
             progress) -> None:
     """Step 3 of ``generate``: render the batches, one operation row per image and its images row."""
-    from flywheel.images import phash, phash_hex, pixel_sha256
+    from flywheel.compute import UnitFailed, map_calls
     from flywheel.models.base import TextToImageRequest
 
     cat = project.catalog
     # 3. Batches: one operation row per image, finished with the images row that points to it.
     with cat.operation(stage, kind="stage_run", model=model.model_id,
                        params={"lora_run_id": run["id"], "images": n_todo, **settings}) as stage_op:
-        for batch in plan_batches:
-            ops = {i: cat.start_operation(stage, model=model.model_id, seed=seed, parent_id=stage_op, work_key=key,
-                                          params={**model.params(), **settings, "prompt": prompt, "seed": seed,
-                                                  "lora_run_id": run["id"], "lora_path": str(lora_path)})
-                   for i, (prompt, seed, key) in enumerate(batch) if key not in done}
-            t0 = time.perf_counter()
-            try:
-                images = model.generate([TextToImageRequest(p, seed=s, width=cfg.width, height=cfg.height)
-                                         for p, s, _ in batch], batch_size=len(batch))
-            except BaseException as err:
+        running: dict[str, dict[int, int]] = {}
+
+        def calls():  # each batch's 'running' rows and requests, made just before it runs (here or on Ray)
+            for batch in plan_batches:
+                running[batch[0][2]] = ops = {
+                    i: cat.start_operation(stage, model=model.model_id, seed=seed, parent_id=stage_op, work_key=key,
+                                           params={**model.params(), **settings, "prompt": prompt, "seed": seed,
+                                                   "lora_run_id": run["id"], "lora_path": str(lora_path)})
+                    for i, (prompt, seed, key) in enumerate(batch) if key not in done}
+                requests = [TextToImageRequest(p, seed=s, width=cfg.width, height=cfg.height) for p, s, _ in batch]
+                yield (batch, ops), (requests,), {"batch_size": len(batch)}
+
+        try:
+            for out in map_calls(model, "generate", calls()):
+                (batch, ops), images = out.item, out.value
+                running.pop(batch[0][2])  # from here on its rows are finished here, or left for a re-run
+                if out.error is not None:  # here: stop (a re-run redoes it); on Ray after retries: record, go on
+                    for op in ops.values():
+                        cat.finish_operation(op, "failed", 0, f"{type(out.error).__name__}: {out.error}")
+                    if not isinstance(out.error, UnitFailed):
+                        raise out.error
+                    result.failed.extend(key for _, _, key in batch if key not in done)
+                    continue
+                ms = int(out.seconds * 1000 / len(batch))  # the batch's time, shared out
+                for i, op in ops.items():
+                    _record(project, images[i], op, ms, run, purpose, result)
+                progress(len(result.image_ids), n_todo, "images")
+        except BaseException as err:
+            for ops in running.values():
                 for op in ops.values():
                     cat.finish_operation(op, "failed", 0, f"{type(err).__name__}: {err}")
-                raise
-            ms = int((time.perf_counter() - t0) * 1000 / len(batch))  # the batch's time, shared out
-            for i, op in ops.items():
-                image = images[i]
-                sha, _ = project.store.put_image(image)
-                with cat.transaction():
-                    existing = cat.query("SELECT id FROM images WHERE sha256 = ?", (sha,))
-                    image_id = existing[0]["id"] if existing else cat.insert("images", {
-                        "sha256": sha, "pixel_sha256": pixel_sha256(image), "phash": phash_hex(phash(image)),
-                        "width": image.width, "height": image.height, "kind": "synthetic", "round": run["round"],
-                        "operation_id": op, "purpose": purpose})
-                    cat.finish_operation(op, "ok", ms, output_image_id=image_id)
-                result.image_ids.append(image_id)
-            progress(len(result.image_ids), n_todo, "images")
+            raise
+
+
+def _record(project, image, op: int, ms: int, run, purpose: str, result: GenerateResult) -> None:
+    from flywheel.images import phash, phash_hex, pixel_sha256
+
+    cat = project.catalog
+    sha, _ = project.store.put_image(image)
+    with cat.transaction():
+        existing = cat.query("SELECT id FROM images WHERE sha256 = ?", (sha,))
+        image_id = existing[0]["id"] if existing else cat.insert("images", {
+            "sha256": sha, "pixel_sha256": pixel_sha256(image), "phash": phash_hex(phash(image)),
+            "width": image.width, "height": image.height, "kind": "synthetic", "round": run["round"],
+            "operation_id": op, "purpose": purpose})
+        cat.finish_operation(op, "ok", ms, output_image_id=image_id)
+    result.image_ids.append(image_id)
 
 
 def _lora_run(cat, lora_run_id: int | None):

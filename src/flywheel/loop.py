@@ -157,7 +157,8 @@ def _caption_and_judge(project, caption, judge, hooks, progress, step) -> None:
     it is released before training."""
     from flywheel.models.pool import ModelPool
 
-    with ModelPool(project.config.models, catalog=project.catalog, api_cfg=project.config.api) as pool:
+    with ModelPool(project.config.models, catalog=project.catalog, api_cfg=project.config.api,
+                   compute=project.config.compute) as pool:
         step("caption")
         caption(project, vlm=hooks.captioner, progress=progress, pool=pool)
         step("judge")

@@ -52,6 +52,7 @@ class ModelPool:
     held: list[_Held] = field(default_factory=list)
     loads: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, role, label) of every load
     baseline_bytes: int | None = None
+    compute: Any = None  # [compute]: with backend "ray" a load is a pool of Ray actors (flywheel.compute)
     api_cfg: Any = None  # [api] (flywheel.config_api), for "api:<model>" specs
 
     def vlm(self, spec: str, **overrides: Any):
@@ -84,7 +85,15 @@ class ModelPool:
         # A service gets [api] and a recorder of its HTTP calls; the first load says where images will go.
         extra, notice = pool_extras(self, spec) if is_api_spec(spec) else ({}, {})
         with recorded_load(self.catalog, self.stage, spec, {"role": role, **overrides, **notice}) as record:
-            adapter = load(spec, self.models_cfg, role=role, **extra, **overrides)  # type: ignore[arg-type]
+            if self.compute is not None and self.compute.backend == "ray" and not is_api_spec(spec):  # Ray actors
+                from functools import partial
+
+                from flywheel.compute import remote
+
+                adapter = remote(self.compute, partial(load, spec, self.models_cfg, role=role, **extra, **overrides),
+                                 spec)
+            else:
+                adapter = load(spec, self.models_cfg, role=role, **extra, **overrides)  # type: ignore[arg-type]
             record(adapter.model_id, adapter.params())
         label = getattr(adapter, "model_id", spec)
         self.held.append(_Held(key, role, label, adapter))
@@ -156,7 +165,8 @@ def stage_pool(project, pool: ModelPool | None, stage: str) -> Iterator[ModelPoo
         finally:
             pool.stage = previous
         return
-    with ModelPool(project.config.models, catalog=project.catalog, stage=stage, api_cfg=project.config.api) as own:
+    with ModelPool(project.config.models, catalog=project.catalog, stage=stage, api_cfg=project.config.api,
+                   compute=project.config.compute) as own:
         yield own
 
 
