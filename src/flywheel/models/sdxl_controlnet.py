@@ -1,0 +1,154 @@
+"""SDXL-Turbo + ControlNet (ImageEditor): the source's structure, the recipe's style, light and background.
+
+The source gives a control image (Canny edges through OpenCV, or a depth map from a depth-estimation model
+when ``depth_model`` is set), which holds pose and layout while SDXL-Turbo renders the recipe in 1-4 steps
+with no classifier-free guidance (``guidance_scale`` 0, as the turbo distillation expects). ``mode``:
+``img2img`` (default) starts from the source at ``strength`` (its colours and the face's tones carry over;
+SDXL-Turbo needs ``steps * strength >= 1``), ``txt2img`` from noise (more change, less of the character).
+
+Folders: a base SDXL(-Turbo) repo plus ``controlnet`` (a hub id or folder of a ``ControlNetModel``, e.g.
+diffusers/controlnet-canny-sdxl-1.0), or one folder whose model_index.json is a
+``StableDiffusionXLControlNetPipeline`` (what the tiny preset builds). Like the inpainting editors it is a
+text-to-image model, so it is given the recipe's caption when the recipe has one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from flywheel.errors import ConfigError
+from flywheel.models._diffusers_common import generator, load_pipeline, output_size
+from flywheel.models.base import EditRequest
+from flywheel.models.editor_options import apply_loras
+from flywheel.models.hub import read_json
+from flywheel.models.sdxl_inpaint import recipe_text, scene_text
+
+log = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, Any] = {"num_inference_steps": 4, "guidance_scale": 0.0, "strength": 0.5,
+                            "controlnet_conditioning_scale": 0.6, "max_area": 1024 * 1024, "negative_prompt": None}
+CONTROL_DEFAULTS: dict[str, Any] = {"mode": "img2img", "control": "canny", "canny_low": 100, "canny_high": 200,
+                                    "depth_model": None}
+
+
+def canny_image(image: Image.Image, low: int, high: int) -> Image.Image:
+    """OpenCV Canny edges as the 3-channel white-on-black image the Canny ControlNets were trained on."""
+    import cv2
+    import numpy as np
+
+    edges = cv2.Canny(np.asarray(image.convert("L")), low, high)
+    return Image.fromarray(np.stack([edges] * 3, axis=-1))
+
+
+def depth_image(image: Image.Image, spec: str, device: str) -> Image.Image:
+    """A depth map (near = bright, 0-255, 3 channels) from a transformers depth-estimation model."""
+    import numpy as np
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    from flywheel.models.hub import resolve_model
+
+    folder = resolve_model(spec)
+    processor = AutoImageProcessor.from_pretrained(folder)
+    model = AutoModelForDepthEstimation.from_pretrained(folder, use_safetensors=True).to(device).eval()
+    with torch.no_grad():
+        depth = model(**processor(images=image.convert("RGB"), return_tensors="pt").to(device)).predicted_depth
+    depth = torch.nn.functional.interpolate(depth[:, None].float(), size=image.size[::-1], mode="bicubic")[0, 0]
+    d = depth.cpu().numpy()
+    d = (d - d.min()) / max(float(d.max() - d.min()), 1e-6)
+    return Image.fromarray(np.stack([(d * 255).astype(np.uint8)] * 3, axis=-1))
+
+
+class SDXLControlNetEditor:
+    def __init__(self, pipe, *, model_id: str, device: str, dtype, cpu_offload: bool, quantization: str,
+                 settings: dict[str, Any], control: dict[str, Any], controlnet: str | None,
+                 loras: list[dict[str, Any]] | None = None):
+        self.pipe = pipe
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        self.cpu_offload = cpu_offload
+        self.quantization = quantization
+        self.settings = settings
+        self.control = control
+        self.controlnet = controlnet
+        self.loras = loras or []
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, model_id: str | None = None, device: str = "cpu",
+                        dtype: str | None = None, cpu_offload: bool = False, quantization: str = "none",
+                        vae_tiling: bool | None = None, loras: Sequence[Mapping[str, Any]] = (),
+                        controlnet: str | None = None, **settings: Any) -> SDXLControlNetEditor:
+        import torch
+        from diffusers import (ControlNetModel, StableDiffusionXLControlNetImg2ImgPipeline,
+                               StableDiffusionXLControlNetPipeline)
+
+        from flywheel.models.hub import resolve_model
+
+        folder, label = Path(path), model_id or str(path)
+        control = {k: settings.pop(k, v) for k, v in CONTROL_DEFAULTS.items()}
+        if control["mode"] not in ("img2img", "txt2img") or control["control"] not in ("canny", "depth"):
+            raise ConfigError(f"{label}: mode {control['mode']!r} / control {control['control']!r}",
+                              hint="mode is 'img2img' or 'txt2img'; control is 'canny' or 'depth'")
+        if control["control"] == "depth" and not control["depth_model"]:
+            raise ConfigError(f"{label}: control = 'depth' needs a depth model",
+                              hint='set depth_model, e.g. "depth-anything/Depth-Anything-V2-Small-hf"')
+        has_controlnet = "controlnet" in read_json(folder / "model_index.json")
+        kwargs: dict[str, Any] = {}
+        if not has_controlnet:
+            if not controlnet:
+                raise ConfigError(f"{label} has no ControlNet", hint="set controlnet to a ControlNet hub id or folder "
+                                  "(e.g. diffusers/controlnet-canny-sdxl-1.0)")
+            torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+            kwargs["controlnet"] = ControlNetModel.from_pretrained(resolve_model(controlnet), dtype=torch_dtype,
+                                                                   use_safetensors=True)
+        pipe, torch_dtype = load_pipeline(StableDiffusionXLControlNetPipeline, folder, label=label, device=device,
+                                          dtype=dtype, cpu_offload=cpu_offload, quantization=quantization,
+                                          vae_tiling=vae_tiling, quantize=("unet",), **kwargs)
+        records = apply_loras(pipe, loras, model_id=label, quantization=quantization, dtype=torch_dtype)
+        if control["mode"] == "img2img":  # same components, the img2img call
+            pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(pipe)
+            pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, model_id=label, device=device, dtype=torch_dtype, cpu_offload=cpu_offload,
+                   quantization=quantization, settings={**DEFAULTS, **settings}, control=control,
+                   controlnet=None if has_controlnet else controlnet, loras=records)
+
+    def recipe_prompt(self, recipe) -> str:
+        """The prompt the pipeline gets for ``recipe`` (recorded with each edit)."""
+        return scene_text(recipe, recipe.full_prompt)
+
+    def control_image(self, image: Image.Image) -> Image.Image:
+        if self.control["control"] == "depth":
+            return depth_image(image, self.control["depth_model"], self.device)
+        return canny_image(image, int(self.control["canny_low"]), int(self.control["canny_high"]))
+
+    def edit(self, requests: list[EditRequest]) -> list[Image.Image]:
+        """One image per request at about ``max_area`` pixels in the source's aspect ratio."""
+        opts = {k: v for k, v in self.settings.items() if v is not None}
+        max_area = opts.pop("max_area")
+        img2img = self.control["mode"] == "img2img"
+        if not img2img:
+            opts.pop("strength", None)
+        elif opts["num_inference_steps"] * opts["strength"] < 1:
+            raise ConfigError(f"{self.model_id}: {opts['num_inference_steps']} steps at strength {opts['strength']} "
+                              "run no denoising step", hint="raise steps or strength so that steps x strength >= 1")
+        out = []
+        for req in requests:
+            size = output_size(*req.image.size, max_area, multiple=8)
+            source = req.image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+            control = self.control_image(source)
+            images = {"image": source, "control_image": control} if img2img else {"image": control}
+            out.append(self.pipe(prompt=recipe_text(req), width=size[0], height=size[1],
+                                 generator=generator(req.seed, self.device), **images, **opts).images[0])
+        return out
+
+    def params(self) -> dict[str, Any]:
+        return {"model": self.model_id, "family": "sdxl_controlnet", "device": self.device, "dtype": str(self.dtype),
+                "cpu_offload": self.cpu_offload, "quantization": self.quantization, **self.settings,
+                **self.control, "controlnet": self.controlnet, "prompt_from": "recipe caption",
+                "loras": [dict(r) for r in self.loras]}
