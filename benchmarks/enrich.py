@@ -13,6 +13,12 @@ storage, exactly as users run it:
 - ``klein``: FLUX.2 [klein] 4B size: 3.88 B transformer (5 double + 20 single blocks), Qwen3-4B text encoder,
   FLUX.2 VAE, 2 other sources as references (``Flux2KleinEditor``; distilled 4 steps, no guidance).
   ``--steps 50`` (any count above 4) runs the undistilled base's stock settings: 50 steps with CFG 4.
+- ``inpaint``: SDXL inpainting size (2.57 B UNet with 9 input channels, CLIP-L + OpenCLIP bigG, SDXL VAE;
+  ``InpaintEditor``: stock 30 steps, CFG 8), the person mask (mediapipe, CPU) and the composite-back included.
+- ``fill``: FLUX.1 Fill [dev] size (11.9 B transformer, 384 input channels; stock 50 steps, guidance 30), same mask.
+- ``controlnet``: SDXL-Turbo + ControlNet-canny-SDXL size (2.57 B UNet + 1.25 B ControlNet; ``SDXLControlNetEditor``:
+  img2img at strength 0.5 of 4 steps = 2 denoising steps, no CFG), OpenCV Canny included. Built by
+  ``benchmarks/fullsize_routes.py`` (which also writes these repos in the HF cache layout).
 
 Tokenizers, processors and scheduler come from the tiny folders (``flywheel.testing.tiny``): only the
 sequence lengths matter for speed, and those follow the real settings (512 T5 tokens; image tokens).
@@ -22,6 +28,7 @@ and the two bars: the seed's "5 images in under 10 minutes" and our "25 edits in
     python benchmarks/enrich.py --backend qwen --steps 8 --true-cfg 1
     python benchmarks/enrich.py --backend kontext
     python benchmarks/enrich.py --backend klein
+    python benchmarks/enrich.py --backend inpaint,controlnet,klein,qwen:4:1   # the routes next to the editors
     python benchmarks/enrich.py --tiny --device cpu --sources 2 --recipes 2 --steps 2   # dry run on CPU
 """
 
@@ -158,8 +165,45 @@ def klein_editor(device: str, tiny: bool, args):
                             quantization="none", settings=settings)
 
 
+def inpaint_editor(device: str, tiny: bool, args, family: str = "sdxl_inpaint"):
+    """SDXL inpainting (or FLUX.1 Fill) size, the mediapipe person mask and the composite-back on the CPU included."""
+    from fullsize_routes import flux_fill_pipeline, sdxl_pipeline
+
+    from flywheel.models.sdxl_inpaint import DEFAULTS, MASK_DEFAULTS, InpaintEditor
+
+    fill = family == "flux_fill"
+    pipe = flux_fill_pipeline(tiny=tiny, device=device) if fill else sdxl_pipeline("inpaint", tiny=tiny, device=device)
+    settings = {**DEFAULTS[family], "num_inference_steps": args.steps or DEFAULTS[family]["num_inference_steps"]}
+    if tiny:
+        settings.update(max_area=64 * 64, **({"max_sequence_length": 32} if fill else {}))
+    name = "FLUX.1-Fill-dev" if fill else "SDXL inpainting 0.1"
+    return InpaintEditor(pipe, model_id=f"{name} size, random weights" if not tiny else f"tiny {family}",
+                         family=family, device=device, dtype=pipe.dtype, cpu_offload=False, quantization="none",
+                         settings=settings, mask=dict(MASK_DEFAULTS))
+
+
+def controlnet_editor(device: str, tiny: bool, args):
+    """SDXL-Turbo + ControlNet (canny) size: img2img at strength 0.5 (4 steps run 2), Canny on the CPU included."""
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+    from fullsize_routes import sdxl_pipeline
+
+    from flywheel.models.sdxl_controlnet import CONTROL_DEFAULTS, DEFAULTS, SDXLControlNetEditor
+
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(sdxl_pipeline("controlnet", tiny=tiny, device=device))
+    pipe.set_progress_bar_config(disable=True)
+    settings = {**DEFAULTS, "num_inference_steps": args.steps or DEFAULTS["num_inference_steps"]}
+    if tiny:
+        settings["max_area"] = 64 * 64
+    return SDXLControlNetEditor(pipe, model_id="SDXL-Turbo + ControlNet size, random weights" if not tiny else
+                                "tiny sdxl controlnet", device=device, dtype=pipe.dtype, cpu_offload=False,
+                                quantization="none", settings=settings, control=dict(CONTROL_DEFAULTS),
+                                controlnet="diffusers/controlnet-canny-sdxl-1.0 size")
+
+
 EDITORS = {"kontext": (kontext_editor, "flux-kontext"), "qwen": (qwen_editor, "qwen-image-edit"),
-           "klein": (klein_editor, "flux2-klein")}
+           "klein": (klein_editor, "flux2-klein"), "inpaint": (inpaint_editor, "inpaint-sdxl"),
+           "fill": (lambda d, t, a: inpaint_editor(d, t, a, "flux_fill"), "inpaint-flux-fill"),
+           "controlnet": (controlnet_editor, "sdxl-turbo-controlnet")}
 
 
 def run(backend: str, args) -> dict:

@@ -26,6 +26,7 @@ from flywheel.config_models import (
     Quantization,
     RoleLoad,
 )
+from flywheel.config_routes import ControlNetSettings, DescribeSettings, EnrichRoutes, InpaintSettings
 from flywheel.config_train import GenerateConfig, TrainConfig, TuneJudgeConfig
 from flywheel.errors import ConfigError
 
@@ -177,9 +178,14 @@ class EnrichConfig(Section):
     """``flywheel enrich``: identity-preserving edits of every source (recipes in ``flywheel.recipes``)."""
 
     backend: Literal["qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix",
+                     "inpaint-sdxl", "inpaint-flux-fill", "sdxl-turbo-controlnet", "describe-generate",
                      "composite", "api"] = Field(
         "qwen-image-edit", description="'composite' is the CPU editor (person segmentation + compositing)."
     )
+    routes: EnrichRoutes = Field(default_factory=EnrichRoutes, description="Another backend per recipe axis.")
+    inpaint: InpaintSettings = Field(default_factory=InpaintSettings)
+    controlnet: ControlNetSettings = Field(default_factory=ControlNetSettings)
+    describe: DescribeSettings = Field(default_factory=DescribeSettings)
     recipes: list[str] = Field(
         default_factory=lambda: ["forest", "city_night", "beach", "sunset", "neon", "oil_painting", "anime",
                                  "left_view", "right_view", "close_up"],

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 
 from flywheel.config_base import Section
 
-ROUTE_BACKENDS = ("qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix",
+ROUTE_BACKENDS = ("qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix", "api",
                   "inpaint-sdxl", "inpaint-flux-fill", "sdxl-turbo-controlnet", "describe-generate", "composite")
 
 

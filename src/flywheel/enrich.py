@@ -23,6 +23,8 @@ from PIL import Image
 from flywheel.catalog.queries import KEPT_SOURCES
 from flywheel.compute import UnitFailed, map_calls
 from flywheel.config import EnrichConfig, ModelsConfig
+from flywheel.enrich_routes import (ROUTE_FAMILY, ROUTE_PRESET, ensure_description, load_route_editor,
+                                    record_edit_mask, routed_config, routes, uses_describe)
 from flywheel.enrich_settings import editor_settings, settings_tag
 from flywheel.errors import ConfigError, ModelOutputError, StageError
 from flywheel.images import phash, phash_hex, pixel_sha256
@@ -42,6 +44,8 @@ BACKEND_FAMILY = {"qwen-image-edit": "qwen_image_edit", "flux-kontext": "flux_ko
 BACKEND_PRESET = {"qwen-image-edit": "qwen-image-edit-2511-lightning", "flux-kontext": "flux-kontext-dev",
                   "flux2-klein": "flux2-klein-4b", "longcat-image-edit": "longcat-image-edit-turbo",
                   "instruct-pix2pix": "instruct-pix2pix", "api": "api"}
+BACKEND_FAMILY.update(ROUTE_FAMILY)  # inpainting and SDXL-Turbo + ControlNet (flywheel.enrich_routes)
+BACKEND_PRESET.update(ROUTE_PRESET)
 TAKES_REFERENCES = {"qwen-image-edit", "flux2-klein"}
 
 
@@ -88,9 +92,10 @@ def editor_id(cfg: EnrichConfig, models: ModelsConfig, editor: ImageEditor | Non
     return f"{cfg.backend}={spec}{settings_tag(cfg, spec)}"
 
 
-def plan(project: Project, cfg: EnrichConfig, editor: str | None = None) -> list[EditUnit]:
-    """Every edit this config asks for, in a stable order (source, recipe, seed)."""
-    editor = editor or editor_id(cfg, project.config.models)
+def plan(project: Project, cfg: EnrichConfig, editor: str | None = None, table: dict | None = None) -> list[EditUnit]:
+    """Every edit this config asks for, in a stable order (source, recipe, seed); each recipe's editor id is
+    its axis's route (``flywheel.enrich_routes``; ``editor``: the default backend's id, when known)."""
+    table = table or routes(cfg, project.config.models, base=project.root, default_id=editor)
     book = load_recipes(cfg.extra_recipe_files, base=project.root)
     recipes = book.select(cfg.recipes)
     sources = project.catalog.query(KEPT_SOURCES)
@@ -99,54 +104,74 @@ def plan(project: Project, cfg: EnrichConfig, editor: str | None = None) -> list
                          hint="add some first: flywheel ingest PATH... (or put a source back on the Sources page)")
     seeds = range(cfg.seed, cfg.seed + cfg.seeds)
     return [
-        EditUnit(src["id"], src["sha256"], recipe, seed, work_key(src["sha256"], recipe.id, seed, editor))
+        EditUnit(src["id"], src["sha256"], recipe, seed,
+                 work_key(src["sha256"], recipe.id, seed, table[recipe.axis].editor_id))
         for src in sources for recipe in recipes for seed in seeds
     ]
 
 
 def enrich(project: Project, cfg: EnrichConfig | None = None, editor: ImageEditor | None = None,
            progress: ProgressFn | None = None, pool=None) -> EnrichResult:
-    """Make every planned edit that is not in the catalog yet. ``editor`` overrides the configured backend's."""
+    """Make every planned edit that is not in the catalog yet. ``editor`` overrides the configured backend's
+    (the other backends of [enrich.routes] are loaded here)."""
     cfg = cfg or project.config.enrich
     progress = progress or no_progress
-    result = EnrichResult(backend=cfg.backend)
+    result = EnrichResult(backend=cfg.backend + "".join(
+        f", {axis}: {value}" for axis, value in cfg.routes.model_dump().items() if value))
+    from flywheel.models.pool import stage_pool
 
-    # 1. Plan sources x recipes x seeds up front, so progress can say "12/25 edits".
-    units = plan(project, cfg, editor_id(cfg, project.config.models, editor))
+    with stage_pool(project, pool, STAGE) as models:
+        _enrich(project, cfg, editor, progress, models, result)
+    log.info("%s", result.summary())
+    return result
+
+
+def _enrich(project: Project, cfg: EnrichConfig, editor: ImageEditor | None, progress: ProgressFn, models,
+            result: EnrichResult) -> None:
+    # 1. Plan sources x recipes x seeds up front, so progress can say "12/25 edits"; each axis's editor from
+    #    [enrich.routes] (describe-then-generate's description first: its hash is part of its work keys).
+    axes = {r.axis for r in load_recipes(cfg.extra_recipe_files, base=project.root).select(cfg.recipes)}
+    description = ensure_description(project, cfg, models) if uses_describe(cfg, axes) else None
+    given_id = editor_id(cfg, project.config.models, editor) if editor is not None else None
+    table = routes(cfg, project.config.models, base=project.root, default_id=given_id)
+    units = plan(project, cfg, table=table)
     result.planned = len(units)
 
     # 2. Skip what is done: an 'ok' operation with its image, or 'skipped' (identical output).
     done = _done_keys(project, [u.work_key for u in units])
     todo = [u for u in units if u.work_key not in done]
     result.already_done = len(units) - len(todo)
-    # Batches are fixed slices of the whole plan; one an interrupted run finished in part is edited whole
-    # again (a smaller batch would change the last bits of GPU editors' outputs), recording only what is missing.
-    batches = [units[i:i + cfg.batch_size] for i in range(0, len(units), cfg.batch_size)]
-    batches = [b for b in batches if any(u.work_key not in done for u in b)]
     progress(result.already_done, result.planned, "edits")
     if not todo:
         log.info("enrich: all %d planned edits already exist", result.planned)
-        return result
+        return
 
-    # 3. Load the editor once, from the pool (one big model at a time; released before returning unless the
-    #    caller's pool keeps it).
-    from flywheel.models.pool import stage_pool
-
-    with stage_pool(project, pool, STAGE) as models:
-        composite = editor is None and cfg.backend == "composite"  # not a pooled model: closed here
+    # 3. Per route (one editor id: all axes of one backend and model), load its editor once from the pool (one
+    #    big model at a time; released before returning unless the caller's pool keeps it).
+    for ident in dict.fromkeys(r.editor_id for r in table.values()):
+        route = next(r for r in table.values() if r.editor_id == ident)
+        group = [u for u in units if table[u.recipe.axis].editor_id == ident]
+        group_todo = [u for u in group if u.work_key not in done]
+        if not group_todo:
+            continue
+        # Batches are fixed slices of the route's plan; one an interrupted run finished in part is edited whole
+        # again (a smaller batch would change the last bits of GPU editors' outputs), recording only what is missing.
+        batches = [group[i:i + cfg.batch_size] for i in range(0, len(group), cfg.batch_size)]
+        batches = [b for b in batches if any(u.work_key not in done for u in b)]
+        given = editor if route.default else None
+        composite = given is None and route.backend == "composite"  # not a pooled model: closed here
         if composite:  # a CPU model: replicas on Ray actors with [compute] backend = "ray" (flywheel.compute)
             from flywheel.compute import remote
             from flywheel.models.composite import CompositeEditor
 
-            editor = remote(project.config.compute, CompositeEditor, "composite")
-        editor = editor or load_enrich_editor(cfg, project.config.models, models, base=project.root)
+            given = remote(project.config.compute, CompositeEditor, "composite")
+        route_editor = given or load_route_editor(project, cfg, route, models, description)
         try:
-            _edit_all(project, cfg, editor, units, todo, batches, done, result, progress)
+            _edit_all(project, routed_config(cfg, route), route_editor, group, group_todo, batches, done, result,
+                      progress)
         finally:
             if composite:
-                editor.close()
-    log.info("%s", result.summary())
-    return result
+                route_editor.close()
 
 
 def _edit_all(project: Project, cfg: EnrichConfig, editor: ImageEditor, units, todo, batches, done,
@@ -264,6 +289,12 @@ def _start_unit(project: Project, unit: EditUnit, editor: ImageEditor, cfg: Enri
     }
     if unit.recipe.caption_for(cfg.backend):  # read by template captions (flywheel.caption)
         params["caption"] = unit.recipe.caption_for(cfg.backend)  # the composite editor's own, if it has one
+    route = getattr(cfg.routes, unit.recipe.axis)
+    if route is not None:  # this axis has its own backend
+        params["route"] = f"[enrich.routes] {unit.recipe.axis} = {route}"
+    recipe_prompt = getattr(editor, "recipe_prompt", None)  # text-to-image editors: the scene, not an instruction
+    if callable(recipe_prompt):
+        params["pipeline_prompt"] = recipe_prompt(unit.recipe)
     final_prompt = getattr(editor, "pipeline_prompt", None)  # e.g. Qwen's "Picture 1" wording with references
     if callable(final_prompt) and final_prompt(unit.recipe.full_prompt, len(refs)) != unit.recipe.full_prompt:
         params["pipeline_prompt"] = final_prompt(unit.recipe.full_prompt, len(refs))
@@ -299,7 +330,8 @@ def _record(project: Project, unit: EditUnit, op_id: int, out: Image.Image, refs
         catalog.insert("image_parents", {"image_id": image_id, "parent_id": unit.source_id, "role": "source"})
         for ref in refs:
             catalog.insert("image_parents", {"image_id": image_id, "parent_id": ref, "role": "reference"})
-        if record_mask_report(catalog, image_id, out, op_id) is False:  # the composite editor's person mask
+        if record_mask_report(catalog, image_id, out, op_id) is False:  # the composite / inpainting person mask
             result.mask_failed.append(image_id)
+        record_edit_mask(project, image_id, out, op_id)  # the inpainting editors' mask, with the image's lineage
         catalog.finish_operation(op_id, "ok", ms, output_image_id=image_id)
     result.made.append(image_id)

@@ -15,20 +15,46 @@ from typing import Any
 from flywheel.config import EnrichConfig
 from flywheel.errors import ConfigError
 
-_GENERATIVE = frozenset({"qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix"})
+_INPAINT = frozenset({"inpaint-sdxl", "inpaint-flux-fill"})
+_SDXL = frozenset({"inpaint-sdxl", "sdxl-turbo-controlnet"})
+_GENERATIVE = frozenset({"qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix",
+                         *_INPAINT, *_SDXL})
 # [enrich] editor keys: the adapter setting each one overrides, and the backends whose pipelines read it.
 # LongCat-Image-Edit samples at ~1024² whatever it is given and has no LoRA loader; the klein pipelines have no
 # negative prompt and set their own shift.
 EDITOR_KEYS: dict[str, tuple[str, frozenset[str]]] = {
     "steps": ("num_inference_steps", _GENERATIVE),
-    "guidance": ("guidance_scale",
-                 frozenset({"flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix"})),
+    "guidance": ("guidance_scale", frozenset({"flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix",
+                                              *_INPAINT, *_SDXL})),
     "true_cfg": ("true_cfg_scale", frozenset({"qwen-image-edit", "flux-kontext"})),
-    "negative_prompt": ("negative_prompt", _GENERATIVE - {"flux2-klein"}),
+    "negative_prompt": ("negative_prompt", _GENERATIVE - {"flux2-klein", "inpaint-flux-fill"}),
     "max_area": ("max_area", _GENERATIVE - {"longcat-image-edit"}),
     "scheduler_shift": ("scheduler_shift", frozenset({"qwen-image-edit", "flux-kontext"})),
     "loras": ("loras", _GENERATIVE - {"longcat-image-edit"}),
 }
+
+
+# [enrich.inpaint] / [enrich.controlnet] keys: the adapter setting each one sets, for the backends that read it
+# (they apply wherever the backend runs: as [enrich] backend or as a route of [enrich.routes]).
+TABLE_KEYS: dict[str, dict[str, tuple[str, frozenset[str]]]] = {
+    "inpaint": {"segmenter": ("segmenter", _INPAINT), "sam_model": ("sam_model", _INPAINT),
+                "grow": ("grow", _INPAINT), "feather": ("feather", _INPAINT),
+                "strength": ("strength", frozenset({"inpaint-sdxl"}))},
+    "controlnet": {k: (k, frozenset({"sdxl-turbo-controlnet"})) for k in ("mode", "control", "depth_model", "strength")}
+    | {"conditioning_scale": ("controlnet_conditioning_scale", frozenset({"sdxl-turbo-controlnet"}))},
+}
+
+
+def table_settings(cfg: EnrichConfig) -> dict[str, Any]:
+    """What [enrich.inpaint] / [enrich.controlnet] set for ``cfg.backend`` (tables of other backends are ignored:
+    they belong to routes of [enrich.routes])."""
+    settings: dict[str, Any] = {}
+    for table, keys in TABLE_KEYS.items():
+        for key, (setting, backends) in keys.items():
+            value = getattr(getattr(cfg, table), key)
+            if value is not None and cfg.backend in backends:
+                settings[setting] = value
+    return settings
 
 
 def editor_settings(cfg: EnrichConfig, base: Path | None = None) -> dict[str, Any]:
@@ -37,9 +63,9 @@ def editor_settings(cfg: EnrichConfig, base: Path | None = None) -> dict[str, An
     A key the backend's pipeline does not read is an error rather than silently ignored. LoRA paths are
     resolved against ``base`` (the project folder) when given.
     """
-    if cfg.backend == "composite":
+    if cfg.backend in ("composite", "describe-generate"):
         return {}
-    settings: dict[str, Any] = {}
+    settings: dict[str, Any] = table_settings(cfg)
     for key, (setting, backends) in EDITOR_KEYS.items():
         value = getattr(cfg, key)
         if value is None:

@@ -19,6 +19,9 @@ _BUILDERS = {
     "build_tiny_flux": "flywheel.testing.tiny.flux",
     "build_tiny_flux2_klein": "flywheel.testing.tiny.flux2_klein",
     "build_tiny_longcat_edit": "flywheel.testing.tiny.longcat",
+    "build_tiny_sdxl_inpaint": "flywheel.testing.tiny.sdxl",
+    "build_tiny_sdxl_controlnet": "flywheel.testing.tiny.sdxl",
+    "build_tiny_flux_fill": "flywheel.testing.tiny.sdxl",
 }
 __all__ = list(_BUILDERS)
 
