@@ -250,3 +250,10 @@ def test_api_settings_reject_a_key_in_place_of_a_variable_name():
 
     with pytest.raises(ConfigError, match="api_key_env"):
         parse_config({"project": {"name": "x", "trigger": "fw_x"}, "api": {"api_key_env": KEY}}, "t")
+
+
+def test_the_recorded_endpoint_drops_credentials_and_query_strings():
+    from flywheel.models.openai_common import public_endpoint
+
+    assert public_endpoint("https://user:pw@llm.example.com:8443/v1?api-key=abc#x") == "https://llm.example.com:8443/v1"
+    assert public_endpoint("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"

@@ -178,8 +178,8 @@ class ApiClient:
                                 "(finished work is kept), or lower [api] concurrency")
             return ApiError(f"{where}: HTTP {err.status_code}: {message}",
                             hint="check [api] model names and settings against the service's documentation")
-        if isinstance(err, (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError)):
-            return ApiError(f"{where}: unusable response: {self.scrub(str(err))[:200]}",
+        if isinstance(err, (openai.APIError, ValueError, OSError)):  # e.g. a body that is not the API's JSON or
+            return ApiError(f"{where}: unusable response: {self.scrub(str(err))[:200]}",  # an image PIL cannot read
                             hint="the server's answer is not what the OpenAI API returns; check [api] base_url")
         raise err  # anything else is a bug: keep its traceback
 
