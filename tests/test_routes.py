@@ -135,6 +135,29 @@ def test_flux_fill_inpaints_with_the_same_guarantee(people):
     assert repaint.max() == 255 and repaint.min() == 0 and call["guidance_scale"] == 30.0
 
 
+def test_sam_masks_any_character_and_its_pixels_are_kept(people, tmp_path, monkeypatch):
+    from flywheel.models import load_editor
+    from flywheel.models import subject_mask
+    from flywheel.models.base import EditRequest
+    from flywheel.testing.tiny.sam import build_tiny_sam
+
+    folder = build_tiny_sam(tmp_path / "sam")
+    asked = []
+    real = subject_mask._sam_probability
+    monkeypatch.setattr(subject_mask, "_sam_probability", lambda *a: asked.append(a) or real(*a))
+    editor = load_editor("tiny-sdxl-inpainting", segmenter="sam", sam_model=str(folder), grow=0, feather=0)
+    source = people[1].resize((128, 96))
+    (out,) = editor.edit([EditRequest(source, "a beach", seed=0)])
+    (spec, device, points), = [a[1:] for a in asked]
+    assert (spec, device, points) == (str(folder), "cpu", [(0.5, 0.5)])  # prompted at the image centre
+    prob = real(source, str(folder), "cpu", [(0.5, 0.5)])  # SAM's mask, at the source's size
+    kept = prob > 0.5
+    assert prob.shape == (96, 128) and 0 < kept.mean() < 1
+    assert (np.asarray(out)[kept] == np.asarray(source)[kept]).all()
+    assert (np.asarray(out)[~kept] != np.asarray(source)[~kept]).any()
+    assert out.info["subject_mask"]["segmenter"] == "sam" and editor.params()["mask"]["segmenter"] == "sam"
+
+
 def test_sdxl_turbo_controlnet_gets_canny_edges_of_the_source_and_few_steps(people):
     from flywheel.errors import ConfigError
     from flywheel.models import load_editor

@@ -22,6 +22,7 @@ _BUILDERS = {
     "build_tiny_sdxl_inpaint": "flywheel.testing.tiny.sdxl",
     "build_tiny_sdxl_controlnet": "flywheel.testing.tiny.sdxl",
     "build_tiny_flux_fill": "flywheel.testing.tiny.sdxl",
+    "build_tiny_sam": "flywheel.testing.tiny.sam",
 }
 __all__ = list(_BUILDERS)
 
