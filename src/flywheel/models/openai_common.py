@@ -105,13 +105,15 @@ class ApiClient:
     def run_all(self, api: str, fn: Callable[[Any, CallRecord], Any], items: list[Any]) -> list[Any]:
         """``fn(item, record)`` for every item, ``concurrency`` at a time; one catalog row per call. A failed
         call fails the batch with an ``ApiError`` (after the other calls finish and are recorded)."""
+        import openai
+
         records = [CallRecord(self.endpoint, api, self.model) for _ in items]
 
         def one(i: int) -> tuple[Any, BaseException | None]:
             t0 = time.perf_counter()
             try:
                 return fn(items[i], records[i]), None
-            except Exception as err:  # translated below, on the calling thread
+            except (openai.APIError, ApiError, ValueError, OSError) as err:  # raised once every call is recorded
                 return None, self.translate(err)
             finally:
                 records[i].latency_s = time.perf_counter() - t0
@@ -130,6 +132,10 @@ class ApiClient:
             if err is not None:
                 raise err
         return [r for r, _ in results]
+
+    def close(self) -> None:
+        """Close the HTTP connections (the pool calls its adapters' ``close`` when it releases them)."""
+        self.client.close()
 
     def cost(self, rec: CallRecord) -> float:
         u = rec.usage

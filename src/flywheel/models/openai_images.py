@@ -19,7 +19,14 @@ from PIL import Image
 from flywheel.config_api import ApiConfig
 from flywheel.errors import ApiError
 from flywheel.models.base import EditRequest, TextToImageRequest
-from flywheel.models.openai_common import PREFIX, ApiClient, CallRecord, Recorder, record_call, usage_dict
+from flywheel.models.openai_common import (
+    PREFIX,
+    ApiClient,
+    CallRecord,
+    Recorder,
+    record_call,
+    usage_dict,
+)
 
 if TYPE_CHECKING:
     from flywheel.catalog.db import Catalog
@@ -52,6 +59,9 @@ class _ImagesBase:
                 "size": self.cfg.image_size, "concurrency": self.cfg.concurrency, "timeout_s": self.cfg.timeout_s,
                 "max_retries": self.cfg.max_retries, "seeded": False}
 
+    def close(self) -> None:
+        self.api.close()
+
     def _format(self) -> dict[str, Any]:
         # DALL-E answers with URLs unless asked for base64; gpt-image models always send base64 and reject the key.
         return {"response_format": "b64_json"} if self.model.startswith("dall-e") else {}
@@ -76,7 +86,7 @@ class _ImagesBase:
 
         if not url.startswith(("http://", "https://")):
             raise ApiError(f"{self.model_id} returned an image URL that is not http(s)")
-        with urllib.request.urlopen(url, timeout=self.cfg.timeout_s) as r:  # noqa: S310 (scheme checked above)
+        with urllib.request.urlopen(url, timeout=self.cfg.timeout_s) as r:
             return r.read()
 
 

@@ -19,14 +19,21 @@ import io
 import logging
 import math
 import re
-from typing import Any
+from typing import Any, Self
 
 from PIL import Image
 
 from flywheel.config_api import ApiConfig
 from flywheel.errors import ApiError
 from flywheel.models.base import ChatRequest
-from flywheel.models.openai_common import PREFIX, ApiClient, CallRecord, Recorder, Refused, usage_dict
+from flywheel.models.openai_common import (
+    PREFIX,
+    ApiClient,
+    CallRecord,
+    Recorder,
+    Refused,
+    usage_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +45,7 @@ class Answer(str):
 
     refusal: str | None
 
-    def __new__(cls, text: str, refusal: str | None = None) -> Answer:
+    def __new__(cls, text: str, refusal: str | None = None) -> Self:
         obj = super().__new__(cls, text)
         obj.refusal = refusal
         return obj
@@ -102,6 +109,9 @@ class OpenAIVLM:
                 "max_image_pixels": self.cfg.max_image_pixels, "temperature": self.cfg.temperature,
                 "logprobs": self.logprobs, "concurrency": self.cfg.concurrency, "timeout_s": self.cfg.timeout_s,
                 "max_retries": self.cfg.max_retries}
+
+    def close(self) -> None:
+        self.api.close()
 
     # -- VisionLanguageModel ---------------------------------------------------------------------------
     def generate(self, requests: list[ChatRequest], *, max_new_tokens: int = 128, seed: int | None = None) -> list[str]:
