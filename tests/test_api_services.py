@@ -88,7 +88,7 @@ def test_enrich_caption_and_judge_run_through_the_service_with_a_row_per_call(pr
     caplog.set_level(logging.DEBUG)  # the openai and HTTP libraries' debug logging too: the key must not be there
     _configure(project, service)
 
-    out = _run(project, "enrich")
+    out = _run(project, "enrich", "--backend", "api")
     notice = f"images will be sent to {service.base_url}"
     assert notice in out and "enrich (api): 3 edits planned; 3 new" in out
     edits = _api_rows(project, "images.edit")
