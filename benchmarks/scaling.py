@@ -16,9 +16,12 @@ Model loads are timed apart from the stage: throughput is units per second of th
 replicas loaded. Prints the GPU, then per workload the 1-replica baseline, the N-replica figure and the
 ratio (goal of issue 17: 1.8x or better on 2 GPUs).
 
-    python benchmarks/scaling.py --gpus 2                        # GPU: edits and captions, 1 GPU then 2
-    python benchmarks/scaling.py --gpus 2 --what captions        # one workload
-    python benchmarks/scaling.py --tiny --device cpu --gpus 2    # CPU dry run: tiny models, 1 CPU per replica
+    PYTHONPATH=src python benchmarks/scaling.py --gpus 2                  # GPU: edits and captions, 1 GPU then 2
+    PYTHONPATH=src python benchmarks/scaling.py --gpus 2 --what captions  # one workload
+    python benchmarks/scaling.py --tiny --device cpu --gpus 2             # CPU dry run: tiny models, 1 CPU each
+
+The GPU machine has no package index: ``benchmarks/ray_wheels.py`` writes Ray's wheel (stripped to travel)
+and the few packages its image lacks into ``.whl/``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def config(args, replicas: int) -> str:
     return f"""[project]
 name = "Scaling"
 trigger = "fw_scale"
+[ingest]
+detect_faces = false
 [models]
 {models}{device}
 [enrich]

@@ -1,4 +1,5 @@
-"""`flywheel run DIR... / --queue FILE`: several characters, each with its own catalog, and one status table."""
+"""`flywheel run DIR... / --queue FILE`: several characters, each with its own catalog, and one status table;
+and what [compute] backend = "ray" says when Ray is not installed."""
 
 from __future__ import annotations
 
@@ -68,3 +69,18 @@ def test_a_queue_file_is_read_again_after_each_project(tmp_path):
 
     runs = run_projects(queued_folders([], queue), on_update=appended)
     assert [(r.folder, r.status) for r in runs] == [(a, "waiting for review"), (b, "waiting for review")]
+
+
+def test_the_ray_backend_without_ray_installed_is_one_line(monkeypatch):
+    import sys
+
+    import pytest
+
+    from flywheel.compute.ray_pool import connect
+    from flywheel.config_compute import ComputeConfig
+    from flywheel.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    with pytest.raises(MissingExtraError, match=r"backend = \"ray\" needs the Python package 'ray'") as err:
+        connect(ComputeConfig(backend="ray"))
+    assert "character-flywheel[ray]" in err.value.hint

@@ -146,6 +146,7 @@ def test_a_replica_killed_mid_stage_loses_only_its_unfinished_units(cluster, bas
         expected = _rows(ref)["enrich"]
     marker = tmp_path / "died-once"
     with _copy(base, tmp_path / "killed", "ray") as p:
+        p.config.compute.actors = 1  # its restart is the only way on: the unit must run again there
         editor = RemoteModel(p.config.compute, partial(FlakyEditor, "sunset", "die", str(marker)), "flaky")
         try:
             result = enrich(p, editor=editor)

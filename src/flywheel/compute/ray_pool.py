@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # Calls that change a replica (a LoRA or a judge adapter on it): sent to every replica, replayed after a restart.
 SETUP_METHODS = frozenset({"load_lora", "unload_lora", "load_adapter"})
+# Questions about the model whose answer only a setup call changes: asked once, so that a stage asking them per
+# unit (operation rows record params()) does not wait behind the units queued on a replica.
+QUERY_METHODS = frozenset({"params", "pipeline_prompt"})
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -111,7 +114,7 @@ class RemoteModel:
 
         connect(cfg)
         n, gpus = replicas(cfg)
-        self._label, self._retries, self._setup, self._turn = label, cfg.retries, [], 0
+        self._label, self._retries, self._setup, self._turn, self._known = label, cfg.retries, [], 0, {}
         actor = ray.remote(_Replica).options(num_gpus=gpus, num_cpus=cfg.cpus_per_actor, max_restarts=-1,
                                              max_task_retries=cfg.retries)
         self._actors = [actor.remote(loader) for _ in range(n)]
@@ -131,14 +134,26 @@ class RemoteModel:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        kind, value = self._get(self._next().attr, tuple(self._setup), name)
+        if ("attr", name) not in self._known:  # attributes change only with a setup call (which forgets them)
+            self._known[("attr", name)] = self._get(self._next().attr, tuple(self._setup), name)
+        kind, value = self._known[("attr", name)]
         if kind == "missing":
             raise AttributeError(f"{self._label} has no attribute {name!r}")
         if kind == "value":
             return value
         if name in SETUP_METHODS:
             return lambda *args, **kwargs: self._setup_call(name, args, kwargs)
-        return lambda *args, **kwargs: self._get(self._call(self._next()), tuple(self._setup), name, args, kwargs)[1]
+
+        def call(*args, **kwargs):
+            key = ("call", name, repr(args), repr(sorted(kwargs.items())))
+            if key in self._known:
+                return self._known[key]
+            value = self._get(self._call(self._next()), tuple(self._setup), name, args, kwargs)[1]
+            if name in QUERY_METHODS:
+                self._known[key] = value
+            return value
+
+        return call
 
     def map_remote(self, method: str, items: Iterable[tuple[Any, tuple]], kwargs: dict) -> Iterator[Outcome]:
         """Each ``(item, args)`` as ``method(*args, **kwargs)`` on the pool; outcomes in the order given."""
@@ -186,6 +201,7 @@ class RemoteModel:
         import ray
 
         self._setup.append((name, args, kwargs))
+        self._known.clear()
         try:
             ray.get([a.attr.remote(tuple(self._setup), "model_id") for a in self._actors])  # applied now
         except ray.exceptions.RayError as err:
