@@ -47,11 +47,19 @@ def sdxl_pipeline(kind: str, *, tiny: bool, device: str, dtype=None):
     """An SDXL inpainting (``kind="inpaint"``) or SDXL-Turbo + ControlNet (``"controlnet"``) pipeline, full size
     with random weights (tiny with ``tiny``), on ``device``."""
     import torch
-    from diffusers import (AutoencoderKL, ControlNetModel, StableDiffusionXLControlNetPipeline,
-                           StableDiffusionXLInpaintPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLInpaintPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from flywheel.testing.tiny.sdxl import build_tiny_sdxl_controlnet, build_tiny_sdxl_inpaint
+    from flywheel.testing.tiny.sdxl import (
+        build_tiny_sdxl_controlnet,
+        build_tiny_sdxl_inpaint,
+    )
 
     inpaint = kind == "inpaint"
     folder = Path(tempfile.gettempdir()) / f"fw-bench-tiny-sdxl-{kind}"

@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_models_edit import PipeSpy
 
 from flywheel.images import phash, phash_hex, pixel_sha256
 from flywheel.project import open_project
-from test_models_edit import PipeSpy
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,6 @@ def _run(project, *, recipes: str, backend: str = "composite", models: str = "",
     from click.testing import CliRunner
 
     from flywheel.cli import main
-
     from flywheel.config import render_config_template
 
     project.close()
@@ -136,8 +135,7 @@ def test_flux_fill_inpaints_with_the_same_guarantee(people):
 
 
 def test_sam_masks_any_character_and_its_pixels_are_kept(people, tmp_path, monkeypatch):
-    from flywheel.models import load_editor
-    from flywheel.models import subject_mask
+    from flywheel.models import load_editor, subject_mask
     from flywheel.models.base import EditRequest
     from flywheel.testing.tiny.sam import build_tiny_sam
 
@@ -258,8 +256,8 @@ def test_each_axis_goes_to_its_route_and_moving_one_redoes_only_it(project, peop
     assert made == {
         "studio": ("inpaint-sdxl", "[enrich.routes] background = inpaint-sdxl=tiny-sdxl-inpainting", "sdxl_inpaint"),
         "sunset": ("composite", None, None),
-        "oil_painting": ("sdxl-turbo-controlnet", "[enrich.routes] style = sdxl-turbo-controlnet="
-                         "tiny-sdxl-turbo-controlnet", "sdxl_controlnet")}
+        "oil_painting": ("sdxl-turbo-controlnet", ("[enrich.routes] style = sdxl-turbo-controlnet="
+                         "tiny-sdxl-turbo-controlnet"), "sdxl_controlnet")}
     assert by_recipe["studio"]["key"].endswith(":inpaint-sdxl=tiny-sdxl-inpainting")
     assert by_recipe["sunset"]["key"].endswith(":composite") and len(by_recipe["studio"]["masks"]) == 1
     # The style axis moves to the composite editor: only its edit is made anew.

@@ -137,7 +137,11 @@ def ensure_description(project, cfg: EnrichConfig, pool) -> str:
     """The character's description: the file's (recorded as an artifact when it is new or was edited), or the
     captioner's, written to the file first."""
     from flywheel.catalog.queries import KEPT_SOURCES
-    from flywheel.models.describe_generate import DESCRIBE_PROMPT, describe_character, description_sha
+    from flywheel.models.describe_generate import (
+        DESCRIBE_PROMPT,
+        describe_character,
+        description_sha,
+    )
 
     catalog, path = project.catalog, description_path(cfg, project.root)
     text = read_description(cfg, project.root)

@@ -16,7 +16,13 @@ from typing import Any
 
 from PIL import Image
 
-from flywheel.models.base import ChatRequest, EditRequest, TextToImage, TextToImageRequest, VisionLanguageModel
+from flywheel.models.base import (
+    ChatRequest,
+    EditRequest,
+    TextToImage,
+    TextToImageRequest,
+    VisionLanguageModel,
+)
 
 log = logging.getLogger(__name__)
 

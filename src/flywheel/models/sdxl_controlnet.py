@@ -85,8 +85,11 @@ class SDXLControlNetEditor:
                         vae_tiling: bool | None = None, loras: Sequence[Mapping[str, Any]] = (),
                         controlnet: str | None = None, **settings: Any) -> SDXLControlNetEditor:
         import torch
-        from diffusers import (ControlNetModel, StableDiffusionXLControlNetImg2ImgPipeline,
-                               StableDiffusionXLControlNetPipeline)
+        from diffusers import (
+            ControlNetModel,
+            StableDiffusionXLControlNetImg2ImgPipeline,
+            StableDiffusionXLControlNetPipeline,
+        )
 
         from flywheel.models.hub import resolve_model
 

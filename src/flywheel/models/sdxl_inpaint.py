@@ -26,7 +26,12 @@ from PIL import Image
 from flywheel.models._diffusers_common import generator, load_pipeline, output_size
 from flywheel.models.base import EditRequest
 from flywheel.models.editor_options import apply_loras
-from flywheel.models.subject_mask import composite_back, feathered_alpha, mask_report, subject_probability
+from flywheel.models.subject_mask import (
+    composite_back,
+    feathered_alpha,
+    mask_report,
+    subject_probability,
+)
 
 log = logging.getLogger(__name__)
 

@@ -76,7 +76,11 @@ def build_tiny_sdxl_controlnet(folder: str | Path, *, seed: int = 0) -> Path:
     """A tiny ``StableDiffusionXLControlNetPipeline`` folder: an SDXL-Turbo-like base (trailing timesteps, as
     stabilityai/sdxl-turbo's scheduler) with its ControlNet saved as a component."""
     import torch
-    from diffusers import ControlNetModel, EulerAncestralDiscreteScheduler, StableDiffusionXLControlNetPipeline
+    from diffusers import (
+        ControlNetModel,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLControlNetPipeline,
+    )
 
     folder = Path(folder)
     tok, te, te2 = _encoders(seed)
