@@ -114,7 +114,8 @@ def test_caption_benchmark_ci_mode_runs_every_path(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "device: cpu" in proc.stdout and "goal 15 images/s" in proc.stdout
     paths = {(r["path"], r["batch"]) for r in json.loads(out.read_text())["rows"]}
-    assert paths == {("flywheel caption, compiled decode", 2), ("flywheel caption, compiled decode", 3),
+    assert paths == {("preprocessing, CPU (before)", 3), ("preprocessing, model's device", 3),
+                     ("flywheel caption, compiled decode", 2), ("flywheel caption, compiled decode", 3),
                      ("plain generate, static cache", 2), ("plain generate, static cache", 3),
                      ("plain generate, dynamic cache", 2), ("plain generate, dynamic cache", 3),
                      ("flywheel caption, decode not compiled", 2),
