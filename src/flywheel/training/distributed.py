@@ -14,9 +14,9 @@ The design goal is that N ranks with ``batch_size`` B train the same LoRA as one
   identical without a broadcast per step (one broadcast from rank 0 at the start guards the initial state).
 
 A last, smaller batch of a bucket is split unevenly (a rank can get nothing: it only joins the all_reduce).
-``Ranks()`` (one process, no process group) is the plain path: with ``gradient_accumulation = 1`` its step
-is ``training.step.train_step`` itself; the distributed step does the same operations in the same order
-when a rank holds the whole batch (one rank, no accumulation), which the tests hold it to, bit for bit.
+``Ranks()`` is one process without a process group: the trainer uses its ``step`` only to accumulate
+batches, and ``training.step.train_step`` otherwise. With one rank and no accumulation ``Ranks.step`` does
+the operations of ``train_step`` in the same order (tested bit for bit: ``--gpus 1`` vs the plain path).
 """
 
 from __future__ import annotations
@@ -83,12 +83,7 @@ class Ranks:
         import torch
 
         from flywheel.training.flux_step import sample_sigmas
-        from flywheel.training.step import train_step
 
-        if not self.group and len(micro) == 1:  # the plain path: exactly today's step
-            return train_step(family, transformer, optimizer, make_batch(micro[0]), generator, params=params,
-                              guidance=guidance, sampling=sampling, max_grad_norm=max_grad_norm,
-                              lr_scheduler=lr_scheduler)
         total = None
         for ids in micro:
             batch = make_batch(ids)
