@@ -145,7 +145,8 @@ def _print_ingest(result) -> None:
 
 @main.command()
 @click.option("--backend", type=click.Choice(["qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit",
-                                            "instruct-pix2pix", "composite", "api"]),
+                                            "instruct-pix2pix", "inpaint-sdxl", "inpaint-flux-fill",
+                                            "sdxl-turbo-controlnet", "describe-generate", "composite", "api"]),
               default=None, help="Override [enrich] backend for this run ('composite' runs on CPU, offline).")
 @click.option("--fill-gaps", is_flag=True, help="Instead of [enrich] recipes, the recipes that fill the set's empty "
               "coverage cells (`flywheel status` lists them, e.g. 'no profile views').")

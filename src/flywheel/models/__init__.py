@@ -32,6 +32,8 @@ _PIPELINE_FAMILY = {
     "FluxKontextPipeline": "flux_kontext", "FluxPipeline": "flux",
     "Flux2KleinPipeline": "flux2_klein", "Flux2KleinKVPipeline": "flux2_klein",
     "LongCatImageEditPipeline": "longcat_edit",
+    "StableDiffusionXLInpaintPipeline": "sdxl_inpaint", "FluxFillPipeline": "flux_fill",
+    "StableDiffusionXLControlNetPipeline": "sdxl_controlnet",
 }
 _ROLE_WORDS = {"vlm": "captioner/judge (a vision-language model)", "editor": "editor (an image-editing model)",
                "text_to_image": "base (a text-to-image model)"}
@@ -232,13 +234,13 @@ def _flux_kontext(resolved: ResolvedModel, settings: dict[str, Any]):
     return FluxKontextEditor.from_pretrained(str(resolved.folder), **settings)
 
 
-def _editor(module: str, cls_name: str):
+def _editor(module: str, cls_name: str, **fixed: Any):
     """The loader of an editor adapter class with the common ``from_pretrained(folder, model_id=, ...)``."""
 
     def load_adapter(resolved: ResolvedModel, settings: dict[str, Any]):
         _device_dtype(resolved, settings)
         cls = getattr(importlib.import_module(module), cls_name)
-        return cls.from_pretrained(resolved.folder, model_id=resolved.label, **settings)
+        return cls.from_pretrained(resolved.folder, model_id=resolved.label, **fixed, **settings)
 
     return load_adapter
 
@@ -246,7 +248,10 @@ def _editor(module: str, cls_name: str):
 _ADAPTERS = {"qwen_vl": _qwen_vl, "qwen_image_edit": _qwen_image_edit, "instruct_pix2pix": _pix2pix,
              "flux": _flux, "flux_kontext": _flux_kontext,
              "flux2_klein": _editor("flywheel.models.flux2_klein", "Flux2KleinEditor"),
-             "longcat_edit": _editor("flywheel.models.longcat_edit", "LongCatEditor")}
+             "longcat_edit": _editor("flywheel.models.longcat_edit", "LongCatEditor"),
+             "sdxl_inpaint": _editor("flywheel.models.sdxl_inpaint", "InpaintEditor", family="sdxl_inpaint"),
+             "flux_fill": _editor("flywheel.models.sdxl_inpaint", "InpaintEditor", family="flux_fill"),
+             "sdxl_controlnet": _editor("flywheel.models.sdxl_controlnet", "SDXLControlNetEditor")}
 
 
 def model_info(spec: str, models_cfg: ModelsConfig | None = None) -> dict[str, Any]:

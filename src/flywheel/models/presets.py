@@ -19,11 +19,12 @@ from typing import Any, Literal
 
 Role = Literal["vlm", "editor", "text_to_image"]
 Family = Literal["qwen_vl", "qwen_image_edit", "instruct_pix2pix", "flux", "flux_kontext", "flux2_klein",
-                 "longcat_edit"]
+                 "longcat_edit", "sdxl_inpaint", "flux_fill", "sdxl_controlnet"]
 
 ROLE_OF_FAMILY: dict[str, Role] = {
     "qwen_vl": "vlm", "qwen_image_edit": "editor", "instruct_pix2pix": "editor", "flux_kontext": "editor",
     "flux": "text_to_image", "flux2_klein": "editor", "longcat_edit": "editor",
+    "sdxl_inpaint": "editor", "flux_fill": "editor", "sdxl_controlnet": "editor",
 }
 # Bumped whenever a tiny builder changes, so stale cached tiny folders are rebuilt, not reused.
 TINY_VERSION = "v1"
@@ -44,6 +45,10 @@ FLUX1_DEV_NC = Licence("FLUX.1 [dev] Non-Commercial",
                        "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md", commercial=False)
 FLUX_NC = Licence("FLUX Non-Commercial", "https://huggingface.co/black-forest-labs/FLUX.2-dev/blob/main/LICENSE.md",
                   commercial=False)
+OPENRAIL_PP = Licence("CreativeML Open RAIL++-M", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/"
+                      "blob/main/LICENSE.md", commercial=True)  # use restrictions, commercial use allowed
+SAI_NC = Licence("Stability AI Non-Commercial Research Community", "https://huggingface.co/stabilityai/sdxl-turbo/"
+                 "blob/main/LICENSE.md", commercial=False)  # commercial use: https://stability.ai/license
 QWEN_RESEARCH = Licence("Qwen Research", "https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct/blob/main/LICENSE",
                         commercial=False)
 # The smallest card each preset runs on (GiB of GPU memory); above the last: "> 80 GB".
@@ -208,6 +213,38 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            settings={"num_inference_steps": 2, "guidance_scale": 1.0},
            tiny=("flywheel.testing.tiny.longcat", "build_tiny_longcat_edit", {}), note="random weights, for tests"),
 ]}
+
+# The inpainting and structure-conditioned routes (issue 14; docs/enrich.md). VRAM: estimates from the weights.
+_SDXL_CANNY = "diffusers/controlnet-canny-sdxl-1.0"
+PRESETS.update({p.name: p for p in [
+    Preset("sdxl-inpainting", "sdxl_inpaint", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1", vram_gib=12.0,
+           settings={"num_inference_steps": 30, "guidance_scale": 8.0, "strength": 0.99},
+           note="repaints the background around the masked character (kept pixel for pixel)",
+           licence=OPENRAIL_PP, disk_gb=13.9),
+    Preset("flux-fill-dev", "flux_fill", "black-forest-labs/FLUX.1-Fill-dev", vram_gib=34.0,
+           settings={"num_inference_steps": 50, "guidance_scale": 30.0},
+           note="FLUX.1 Fill: repaints around the masked character; gated: accept the licence on the hub",
+           licence=FLUX1_DEV_NC, disk_gb=33.7, low_vram="24 GB with fp8 + cpu_offload"),
+    Preset("sdxl-turbo-canny", "sdxl_controlnet", "stabilityai/sdxl-turbo", vram_gib=14.0,
+           settings={"num_inference_steps": 4, "guidance_scale": 0.0, "controlnet": _SDXL_CANNY},
+           note="4 steps, Canny edges keep pose and layout; ControlNet: diffusers (OpenRAIL++)",
+           licence=SAI_NC, disk_gb=21.4),
+    Preset("sdxl-turbo-depth", "sdxl_controlnet", "stabilityai/sdxl-turbo", vram_gib=15.0,
+           settings={"num_inference_steps": 4, "guidance_scale": 0.0, "control": "depth",
+                     "controlnet": "diffusers/controlnet-depth-sdxl-1.0",
+                     "depth_model": "depth-anything/Depth-Anything-V2-Small-hf"},
+           note="4 steps, a depth map (Depth Anything V2 Small) keeps pose and layout",
+           licence=SAI_NC, disk_gb=21.5),
+    Preset("tiny-sdxl-inpainting", "sdxl_inpaint", None, dtype="float32",
+           settings={"num_inference_steps": 2, "max_area": 64 * 64},
+           tiny=("flywheel.testing.tiny.sdxl", "build_tiny_sdxl_inpaint", {}), note="random weights, for tests"),
+    Preset("tiny-flux-fill", "flux_fill", None, dtype="float32",
+           settings={"num_inference_steps": 2, "max_area": 64 * 64, "max_sequence_length": 32},
+           tiny=("flywheel.testing.tiny.sdxl", "build_tiny_flux_fill", {}), note="random weights, for tests"),
+    Preset("tiny-sdxl-turbo-controlnet", "sdxl_controlnet", None, dtype="float32",
+           settings={"num_inference_steps": 2, "max_area": 64 * 64},
+           tiny=("flywheel.testing.tiny.sdxl", "build_tiny_sdxl_controlnet", {}), note="random weights, for tests"),
+]})
 
 # "tiny" means the tiny model of the default family for whichever role asks for it.
 TINY_FOR_ROLE: dict[Role, str] = {"vlm": "tiny-qwen2-vl", "editor": "tiny-qwen-image-edit", "text_to_image": "tiny-flux"}
