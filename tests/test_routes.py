@@ -272,3 +272,16 @@ def test_a_route_to_an_unknown_backend_is_a_one_line_error(project):
     assert out.exit_code == 1
     assert "enrich.routes.background" in out.output and "unknown backend 'inpaint'" in out.output
     assert "Traceback" not in out.output
+
+
+def test_describe_then_generate_without_sources_or_with_an_empty_description_says_so(project, people):
+    models = 'captioner = "tiny-qwen2-vl"\nbase = "tiny-flux"'
+    out = _run(project, recipes='["forest"]', backend="describe-generate", models=models)
+    assert out.exit_code == 1 and "there are no source images to edit" in out.output
+    assert "loading" not in out.output and not (project.root / "character.txt").exists()
+    p = open_project(project.root)
+    _add(p, people[:1])
+    (p.root / "character.txt").write_text("  \n", encoding="utf-8")
+    out = _run(p, recipes='["forest"]', backend="describe-generate", models=models)
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert "the character description" in out.output and "character.txt is empty" in out.output

@@ -133,9 +133,9 @@ def uses_describe(cfg: EnrichConfig, axes: set[str]) -> bool:
         cfg.backend == "describe-generate" and any(getattr(cfg.routes, a) is None for a in axes))
 
 
-def ensure_description(project, cfg: EnrichConfig, pool) -> str:
+def ensure_description(project, cfg: EnrichConfig, pool) -> str | None:
     """The character's description: the file's (recorded as an artifact when it is new or was edited), or the
-    captioner's, written to the file first."""
+    captioner's, written to the file first (None: no file and no source to describe)."""
     from flywheel.catalog.queries import KEPT_SOURCES
     from flywheel.models.describe_generate import (
         DESCRIBE_PROMPT,
@@ -148,6 +148,8 @@ def ensure_description(project, cfg: EnrichConfig, pool) -> str:
     written_by = "file"
     if text is None:
         sources = catalog.query(KEPT_SOURCES)[: cfg.describe.sources]
+        if not sources:  # nothing to describe; planning says so in one line
+            return None
         spec = project.config.models.captioner
         vlm = pool.vlm(spec)
         with catalog.operation("enrich", kind="model_call", model=vlm.model_id, params={
