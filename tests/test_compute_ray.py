@@ -119,6 +119,7 @@ def _stages(p) -> None:
     generate(p)
 
 
+@pytest.mark.slow  # each stage starts its replicas' processes (torch, transformers, diffusers imported in each)
 def test_stages_on_ray_replicas_match_the_local_path(cluster, base, tmp_path):
     local, remote = _copy(base, tmp_path / "local", "local"), _copy(base, tmp_path / "ray", "ray")
     with local, remote:

@@ -32,6 +32,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from flywheel.compute import Outcome, UnitFailed, map_calls
 from flywheel.config import Config, JudgeConfig
 from flywheel.errors import ModelOutputError, StageError
 from flywheel.judge_policy import ImageScores, decide, parse_verdict
@@ -211,16 +212,27 @@ def _vlm_scores(project: Project, vlm: VisionLanguageModel, jcfg: JudgeConfig, b
     refs = {r["id"]: store.open_image(_reference_sha(project, r, scores[r["id"]])) for r in batch}
     scorer = f"vlm_pairwise:{vlm.model_id}"
 
+    questions: list[tuple[str, list[ChatRequest], list[int], str]] = []
+
     def ask(criterion: str, requests: list[ChatRequest], ids: list[int], attr: str) -> None:
-        if not requests:
-            return
+        if requests:  # asked all at once below: independent, so on Ray each can go to another replica
+            questions.append((criterion, requests, ids, attr))
+
+    def answered(out: Outcome) -> None:
+        criterion, requests, ids, attr = out.item
         params = {"criterion": criterion, "image_ids": ids, "prompts": [q.text for q in requests], **vlm.params()}
-        with catalog.operation("judge", model=vlm.model_id, params=params, parent_id=run_id) as op:
-            probs = _one_per_request(vlm.option_probabilities(requests, ["yes", "no"]), requests, vlm)
-        for image_id, req, p in zip(ids, requests, probs):
+        op = catalog.start_operation("judge", model=vlm.model_id, params=params, parent_id=run_id)
+        err = out.error or (None if len(out.value) == len(requests) else ModelOutputError(
+            f"{vlm.model_id} returned {len(out.value)} answers for {len(requests)} requests",
+            hint="this is a bug in the model adapter; report it with the model name"))
+        catalog.finish_operation(op, "failed" if err else "ok", int(out.seconds * 1000),
+                                 f"{type(err).__name__}: {err}" if err else None)
+        if err is not None and not isinstance(err, UnitFailed):
+            raise err
+        for image_id, req, p in zip(ids, requests, out.value or [{"yes": None, "error": str(err)}] * len(ids)):
             # A service's VLM says how it answered (logprobs or text) or why it did not (models/openai_vlm.py).
             details = {"question": req.text, "probabilities": p, **getattr(p, "provenance", {})}
-            if p["yes"] is None:  # no answer (a refusal): a score without a value; the other checks decide
+            if p["yes"] is None:  # no answer (a refusal, a call failed on the cluster): no value; the others decide
                 pixels.record(image_id, criterion, scorer, None, details, op)
                 continue
             setattr(scores[image_id], attr, p["yes"])
@@ -253,6 +265,8 @@ def _vlm_scores(project: Project, vlm: VisionLanguageModel, jcfg: JudgeConfig, b
             keep_reqs.append(keep_request(refs[r["id"]], images[r["id"]], kind=r["kind"], prompt=prompt,
                                           recipe=recipe))
         ask("keep", keep_reqs, ids, "keep_prob")
+    for out in map_calls(vlm, "option_probabilities", ((q, (q[1], ["yes", "no"])) for q in questions)):
+        answered(out)  # recorded in the order asked, as they come back
     if not jcfg.structured_verdict:
         return
     # Structured verdict: parse strictly, ask again once for the unparseable ones, then give up honestly.
