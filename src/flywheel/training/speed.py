@@ -1,0 +1,178 @@
+"""Speed options of the LoRA training step, for any model family: one call, ``apply``, on the frozen
+transformer after its LoRA is added (and, for a quantized base, after ``training.quantize``), before the
+loop; ``adamw_options`` for the optimizer. Every option is a ``[train]`` setting (docs/training.md has the
+measurements behind the defaults):
+
+1. ``fp8_matmul``: the frozen base's Linears inside the blocks store float8 weights (per-row scales) and
+   multiply on fp8 tensor cores, forward and input gradient (``training/fp8.py``). Our own autograd
+   Function over ``torch._scaled_mm`` rather than torchao's, because neither torchao path fits a frozen
+   base in 24 GiB: ``convert_to_float8_training`` keeps bf16 master weights (22 GiB for FLUX.1-dev), saves
+   the input and computes a weight gradient the frozen base never needs; ``quantize_`` with
+   ``Float8DynamicActivationFloat8WeightConfig`` stores fp8 weights but overrides ``F.linear`` above
+   autograd, so its ``_scaled_mm`` has no backward (``benchmarks/train_step.py --probe-torchao`` shows it).
+2. ``attention_backend``: diffusers' attention dispatcher (``set_attention_backend``) on a PyTorch SDPA kernel.
+3. Activation checkpointing on every N-th block (``gradient_checkpointing``, ``checkpoint_every_n_blocks``).
+4. ``compile``: ``torch.compile`` per block (regional: two block types compile once each, in about a
+   minute), fullgraph; ``activation_memory_budget`` < 1 lets the compiler's partitioner recompute the
+   cheapest activations in the backward instead of saving them (selective checkpointing inside a block).
+5. ``fused_optimizer``: AdamW's fused CUDA kernel for the LoRA parameters.
+
+Options that need CUDA are skipped on other devices with one log line each, never an error: the same
+config trains on a CPU (tests, CI) and fast on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+FULLGRAPH = True  # a graph break inside a block is an error, not a silent slow path
+SDPA_BACKENDS = {"flash": "_native_flash", "cudnn": "_native_cudnn", "efficient": "_native_efficient",
+                 "math": "_native_math", "native": "native"}
+
+
+@dataclass
+class Applied:
+    """What ``apply`` did, for the run's log and config.json."""
+
+    fp8_matmul: bool = False
+    attention_backend: str = "native"
+    checkpointed_blocks: int = 0
+    compiled_blocks: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def blocks(transformer) -> list:
+    """The repeated transformer blocks of any diffusers DiT (every ``*blocks`` ModuleList child, in order)."""
+    import torch
+
+    return [b for name, child in transformer.named_children()
+            if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks") for b in child]
+
+
+def fp8_capable(device: str) -> bool:
+    """fp8 tensor cores: CUDA compute capability 8.9 (Ada) or newer."""
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(torch.device(device)) >= (8, 9)
+
+
+def wants_fp8(cfg, base_quantize: str, device: str) -> bool:
+    """Whether ``fp8_matmul`` applies: 'on' or 'auto' on an fp8-capable GPU, with a bf16 or fp8-stored base
+    (int8 / nf4 bases keep their own kernels)."""
+    return cfg.fp8_matmul != "off" and base_quantize in ("none", "fp8") and fp8_capable(device)
+
+
+def apply(transformer, cfg, device: str, *, base_quantize: str = "none") -> Applied:
+    """Apply the ``[train]`` speed options to ``transformer`` (LoRA already added) in place; see the module
+    docstring. ``base_quantize`` is how the frozen base is stored now ('none' = bf16, 'fp8', 'int8', 'nf4')."""
+    done = Applied()
+    cuda = str(device).startswith("cuda")
+
+    def skip(option: str, why: str) -> None:
+        done.skipped.append(option)
+        log.info("[train] %s skipped: %s", option, why)
+
+    # 1. fp8 weights and matmuls on the frozen base (a bf16 base is converted block by block on the way).
+    if wants_fp8(cfg, base_quantize, device):
+        from flywheel.training import quantize
+        from flywheel.training.fp8 import fp8_frozen_linear_cls
+
+        if base_quantize == "none":
+            quantize.quantize_base(transformer, "fp8", device)
+        cls = fp8_frozen_linear_cls()
+        for m in transformer.modules():
+            if isinstance(m, cls):
+                m.fp8_compute, m.fp8_backward = True, True
+        done.fp8_matmul = True
+    elif cfg.fp8_matmul == "on":
+        skip("fp8_matmul", f"needs a CUDA GPU of compute capability 8.9+ and a bf16 or fp8 base "
+                           f"(device {device!r}, quantize_base {base_quantize!r})")
+
+    # 2. Attention kernel, through diffusers' dispatcher (the same call for every family).
+    backend = cfg.attention_backend
+    if backend == "auto":
+        backend = "flash" if cuda else "native"
+    if backend not in ("native", "math") and not cuda:
+        skip("attention_backend", f"{backend!r} needs CUDA; {device!r} uses PyTorch's default attention")
+        backend = "native"
+    if backend != "native" and hasattr(transformer, "set_attention_backend"):
+        import torch
+
+        if backend == "cudnn":  # train.py switches cuDNN attention off globally (it crashed on torch 2.11)
+            torch.backends.cuda.enable_cudnn_sdp(True)
+        _quiet_diffusers(transformer.set_attention_backend, SDPA_BACKENDS[backend])
+    done.attention_backend = backend
+
+    # 3. Activation checkpointing on every N-th block, and 4. regional compile, one block at a time.
+    every = checkpoint_every(cfg, done.fp8_matmul)
+    compile_ = cfg.compile and cuda
+    if cfg.compile and not cuda:
+        skip("compile", f"torch.compile of the blocks runs on CUDA only ({device!r})")
+    done.checkpointed_blocks, done.compiled_blocks = wrap_blocks(
+        transformer, every, compile=compile_, activation_memory_budget=cfg.activation_memory_budget)
+    log.info("training speed options: %s", done)
+    return done
+
+
+def checkpoint_every(cfg, fp8_matmul: bool) -> int:
+    """Every how many blocks to checkpoint (0 = none). 'auto' (0): every 2nd block with fp8 matmuls (the fp8
+    base leaves room: 1024² fits 24 GiB), every block otherwise (a bf16 base needs all the room it can get)."""
+    if not cfg.gradient_checkpointing:
+        return 0
+    return cfg.checkpoint_every_n_blocks or (2 if fp8_matmul else 1)
+
+
+def wrap_blocks(transformer, every: int, *, compile: bool = False, activation_memory_budget: float = 1.0):
+    """Each block's forward: compiled (``torch.compile``, regional: identical blocks share one graph), then
+    checkpointed on every ``every``-th block (1 = all, 2 = half, 0 = none: recompute that block's forward in
+    the backward instead of keeping its activations). Checkpointing wraps the compiled forward, not the
+    reverse: dynamo compiles no frame that starts inside torch.utils.checkpoint. Returns (checkpointed,
+    compiled) block counts."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    if compile:
+        # Process-wide knobs, as torch only offers them so: the partitioner's budget for recomputation inside
+        # a block; static shapes (one graph per bucket shape, faster kernels than symbolic ones) for many buckets.
+        torch._functorch.config.activation_memory_budget = activation_memory_budget
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    wrapped = compiled = 0
+    for i, block in enumerate(blocks(transformer)):
+        fwd = block.forward
+        if compile:
+            fwd = torch.compile(fwd, fullgraph=FULLGRAPH, dynamic=False)
+            compiled += 1
+        if every and i % every == 0:
+            fwd = functools.partial(checkpoint, fwd, use_reentrant=False)
+            wrapped += 1
+        if fwd is not block.forward:
+            block.forward = fwd
+    return wrapped, compiled
+
+
+def adamw_options(cfg, params) -> dict:
+    """Keyword arguments for ``torch.optim.AdamW``: the fused CUDA kernel when the LoRA lives on a GPU."""
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
+    if cfg.fused_optimizer and on_cuda:
+        return {"fused": True}
+    if cfg.fused_optimizer:
+        log.info("[train] fused_optimizer skipped: the LoRA parameters are not on a CUDA GPU")
+    return {}
+
+
+def _quiet_diffusers(fn, *args):
+    """diffusers warns 'experimental feature' on every set_attention_backend call: once is noise enough."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        fn(*args)
+    finally:
+        dlog.set_verbosity(level)
