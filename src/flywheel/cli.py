@@ -267,13 +267,14 @@ def status(ctx: click.Context) -> None:
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path), default=Path("flywheel-demo"), required=False)
-def demo(directory: Path) -> None:
+@click.option("--stack", default=None, help="A tiny model stack for a new demo, e.g. tiny-klein (FLUX.2 klein LoRAs).")
+def demo(directory: Path, stack: str | None) -> None:
     """Run the whole loop offline on the built-in sample character (says which parts are tiny stand-ins)."""
     from flywheel.demo import run_demo
     from flywheel.status import render_status
 
     with rich_progress("demo") as progress:
-        summary = run_demo(directory, progress=progress, on_step=lambda s: click.echo(f"» {s}"))
+        summary = run_demo(directory, progress=progress, on_step=lambda s: click.echo(f"» {s}"), stack=stack)
     _console().print(render_status(summary.status))
     for line in summary.notes:
         click.echo(line)

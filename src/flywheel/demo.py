@@ -36,13 +36,30 @@ class DemoSummary:
     notes: list[str] = field(default_factory=list)
 
 
-def run_demo(directory: Path, *, progress: ProgressFn | None = None, on_step=None) -> DemoSummary:
-    """Run (or resume) the demo in ``directory``."""
+def demo_config(stack: str | None = None) -> str:
+    """demo.toml, with the base of a tiny ``stack`` (its LoRA family) instead of the tiny FLUX.1."""
+    from flywheel.errors import ConfigError
+    from flywheel.models.stacks import STACKS
+
+    text = DEMO_CONFIG.read_text(encoding="utf-8")
+    if stack is None:
+        return text
+    tiny = [name for name in STACKS if name.startswith("tiny")]
+    if stack not in tiny:
+        raise ConfigError(f"the demo runs offline on tiny models: stack {stack!r} is not one of {', '.join(tiny)}",
+                          hint="try `flywheel demo --stack tiny-klein`; real stacks go in a project's flywheel.toml")
+    line = 'base = "tiny"          # tiny random FLUX.1 (real architecture)'
+    return text.replace(line, f'stack = "{stack}"  # its tiny base: LoRAs of that family')
+
+
+def run_demo(directory: Path, *, progress: ProgressFn | None = None, on_step=None,
+             stack: str | None = None) -> DemoSummary:
+    """Run (or resume) the demo in ``directory``; ``stack``: a tiny stack (e.g. 'tiny-klein') for the base."""
     # 1. A project for the sample character (an existing one is resumed as it is).
     directory = directory.expanduser().resolve()
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / CONFIG_FILENAME).exists():
-        (directory / CONFIG_FILENAME).write_text(DEMO_CONFIG.read_text(encoding="utf-8"), encoding="utf-8")
+        (directory / CONFIG_FILENAME).write_text(demo_config(stack), encoding="utf-8")
     # 2. The sample shots, next to the project like a user's own folder of images.
     write_sample(directory / "sample-sources")
     # 3. The loop: ingest -> enrich -> caption -> judge -> train v1 -> generate -> ... -> evaluate.

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel.config import EvaluateConfig, GenerateConfig
+from flywheel.config import EvaluateConfig
 from flywheel.errors import StageError
 from flywheel.progress import ProgressFn, no_progress
 
@@ -118,19 +118,19 @@ def _runs(cat, baseline_run: int | None, candidate_run: int | None):
 def _render(project, cfg: EvaluateConfig, run_id: int, device, model_kwargs, pool, progress) -> None:
     from flywheel.generate import generate
 
-    g = project.config.generate
-    gcfg = GenerateConfig(prompts=0, seeds_per_prompt=cfg.seeds_per_prompt, extra_prompts=eval_prompts(cfg),
-                          use_shipped_prompts=False, width=g.width, height=g.height, steps=g.steps,
-                          guidance=g.guidance, max_sequence_length=g.max_sequence_length, batch_size=g.batch_size,
-                          lora_scale=g.lora_scale, seed=cfg.seed)
+    # [generate]'s sampler settings as set (steps / guidance left unset follow the rendering model's preset:
+    # 4 steps on the distilled klein), the held-out prompts and seeds instead of the bank.
+    gcfg = project.config.generate.model_copy(update={
+        "prompts": 0, "seeds_per_prompt": cfg.seeds_per_prompt, "extra_prompts": eval_prompts(cfg),
+        "use_shipped_prompts": False, "seed": cfg.seed})
     generate(project, gcfg, lora_run_id=run_id, device=device, purpose="eval", pool=pool, progress=progress,
              **model_kwargs)  # per image: the renders are most of evaluate's time
 
 
 def _round_data(project, run, source_faces, sources, embedder, clip):
+    from flywheel.catalog.queries import LATEST_VERDICT
     from flywheel.evaluation.metrics import EvalImage, score_round
     from flywheel.evaluation.report import RoundData
-    from flywheel.catalog.queries import LATEST_VERDICT
 
     rows = project.catalog.query(
         # Through operations.output_image_id: two rounds may render a prompt identically (one image row).

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,8 +81,9 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
     # 1. Plan: the LoRA run, prompts x seeds, minus what an earlier (interrupted) call already made.
     run = _lora_run(cat, lora_run_id)
     lora_path = project.workspace / run["output_dir"] / "pytorch_lora_weights.safetensors"
-    settings = {"width": cfg.width, "height": cfg.height, "num_inference_steps": cfg.steps,
-                "guidance_scale": cfg.guidance, "max_sequence_length": cfg.max_sequence_length,
+    renderer, steps, guidance = render_settings(project, run, cfg)
+    settings = {"width": cfg.width, "height": cfg.height, "num_inference_steps": steps,
+                "guidance_scale": guidance, "max_sequence_length": cfg.max_sequence_length,
                 "lora_scale": cfg.lora_scale}
     plan = []
     for prompt in prompt_bank(project.config.project.trigger, cfg):
@@ -107,7 +107,7 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
     with stage_pool(project, pool, stage) as models:
         if device is not None:
             model_kwargs["device"] = device
-        model = models.text_to_image(run["base_model"], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+        model = models.text_to_image(renderer, num_inference_steps=steps, guidance_scale=guidance,
                                      max_sequence_length=cfg.max_sequence_length, **model_kwargs)
         model.load_lora(str(lora_path), name=f"round{run['round']}", scale=cfg.lora_scale)
         try:
@@ -117,6 +117,26 @@ def generate(project, cfg: GenerateConfig | None = None, *, lora_run_id: int | N
             model.unload_lora()
     log.info("generate: %d images for round %d (%d already there)", len(result.image_ids), result.round, result.skipped)
     return result
+
+
+def render_settings(project, run, cfg: GenerateConfig) -> tuple[str, int, float]:
+    """(model, steps, guidance) that render ``run``'s LoRA: the model its training recorded in config.json
+    (``generate_model``: the distilled klein for a klein base), else its base. Steps and guidance are
+    [generate]'s, except that unset ones follow the rendering preset (4 steps, no CFG on the distilled klein)."""
+    import json
+
+    from flywheel.models.presets import get_preset
+
+    resolved = project.workspace / run["output_dir"] / "config.json"
+    renderer = json.loads(resolved.read_text(encoding="utf-8")).get("generate_model") if resolved.is_file() else None
+    if not renderer:
+        return run["base_model"], cfg.steps, cfg.guidance
+    preset = get_preset(renderer, "text_to_image")
+    defaults = preset.settings if preset is not None else {}
+    steps = cfg.steps if "steps" in cfg.model_fields_set else int(defaults.get("num_inference_steps", cfg.steps))
+    guidance = (cfg.guidance if "guidance" in cfg.model_fields_set
+                else float(defaults.get("guidance_scale", cfg.guidance)))
+    return renderer, steps, guidance
 
 
 def _render(project, model, *, plan_batches, done, stage, run, lora_path, settings, cfg, purpose, n_todo, result,

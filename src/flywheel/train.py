@@ -1,8 +1,10 @@
-"""``flywheel train``: a FLUX.1 character LoRA on a frozen dataset version, resumable step for step.
+"""``flywheel train``: a character LoRA (FLUX.1 or FLUX.2 klein) on a frozen dataset version, resumable step for step.
 
 The run reads top to bottom: plan (freeze the dataset, record the run), load the base, cache latents and
 text embeddings (then the VAE and text encoders leave the GPU), add the LoRA, train with checkpoints and
-samples, save the LoRA in diffusers and kohya formats beside the resolved config and the loss curve.
+samples, save the LoRA in diffusers and kohya / ComfyUI formats beside the resolved config and the loss curve.
+What differs between base models (prompt encoding, latent packing, the loss's inputs, LoRA key names,
+sample pipeline) is the family's (``flywheel.training.families``); this loop is the same for all.
 Everything random in the loop (data order, caption dropout, t, noise) comes from one generator whose
 state is checkpointed, so ``resume`` continues exactly where the run stopped.
 """
@@ -27,8 +29,10 @@ from flywheel.progress import ProgressFn, no_progress
 from flywheel.training import buckets as bk
 from flywheel.training import caching, checkpoint, lora_io, quantize, samples, setup
 from flywheel.training import losses as losses_io
-from flywheel.training.flux_step import Batch, checkpoint_blocks, train_step
+from flywheel.training.families import family_for_folder
+from flywheel.training.flux_step import Batch, checkpoint_blocks
 from flywheel.training.setup import base_load, check_runnable
+from flywheel.training.step import train_step
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +74,15 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
         cfg = TrainConfig.model_validate(json.loads(run["config_json"]))  # the run's own settings
         ds = load_dataset(project, planned.dataset_version)
         run_id, base = run["id"], run["base_model"]
-        check_runnable(cfg, base_load(project, cfg, device))
+        family = family_for_folder(base)
+        check_runnable(cfg, base_load(project, cfg, device), family)
     else:
         cfg = cfg or project.config.train
-        check_runnable(cfg, base_load(project, cfg, device))  # before the run is recorded and minutes of loading
+        base = planned.base or base_of(cfg)
+        family = family_for_folder(base)
+        check_runnable(cfg, base_load(project, cfg, device), family)  # before the run is recorded and the loading
         if not (force or planned.same_set):  # before a version is frozen: a refusal writes nothing
             ensure_trainable(project, _next_round(cat), planned.dataset_version)
-        base = planned.base or base_of(cfg)
         version = planned.dataset_version
         ds = load_dataset(project, version) if version else freeze_dataset(project, _next_round(cat))
         with cat.transaction():
@@ -95,7 +101,8 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
     try:
         with cat.operation("train", kind="model_call", model=base, seed=cfg.seed,
                            params={"lora_run_id": run_id, "resume": resuming, "dataset_version": ds.version}):
-            losses = _run(project, cfg, ds, base, run_id, run_dir, trigger, device, progress, resume=resuming)
+            losses = _run(project, family, cfg, ds, base, run_id, run_dir, trigger, device, progress,
+                          resume=resuming)
     except BaseException:
         with cat.transaction():
             cat.execute("UPDATE lora_runs SET status = 'failed' WHERE id = ?", (run_id,))
@@ -116,20 +123,19 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
 
 
 def base_model_folder(cfg: TrainConfig, models_base: str) -> str:
-    """The FLUX.1 base as a loadable folder or hub id: [train] base_model, else [models] base (a preset,
-    e.g. 'flux-dev' or 'tiny', a folder, or a hub id). Recorded on the run, so generate and resume use it."""
+    """The base as a loadable folder or hub id: [train] base_model, else [models] base (a preset, e.g.
+    'flux-dev', 'flux2-klein-base-4b' or 'tiny', a folder, or a hub id). Recorded on the run, so generate and
+    resume use it."""
     from flywheel.models import resolve
 
     return str(resolve(cfg.base_model or models_base, role="text_to_image").folder)
 
 
-def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, trigger: str, device, progress, *,
-         resume: bool) -> list[float]:
+def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, trigger: str, device,
+         progress, *, resume: bool) -> list[float]:
     import torch
-    from diffusers import FluxPipeline
     from peft import LoraConfig
 
-    from flywheel.models.flux import _load_pipeline
     from flywheel.models.pool import recorded_load
 
     # 2. Load the base pipeline through the shared loader ([models] base role: device, dtype; the memory
@@ -140,11 +146,11 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
     if device.startswith("cuda"):  # cuDNN attention's backward hit illegal memory accesses (torch 2.11, H100)
         torch.backends.cuda.enable_cudnn_sdp(False)
     with recorded_load(project.catalog, "train", base, {"role": "base", **vars(load)}) as record:
-        pipe, source, _, dtype = _load_pipeline(FluxPipeline, base, dtype=load.dtype, device=device,
-                                                cpu_offload=load.cpu_offload, quantization="none", place=False,
-                                                check_precision=load.quantize)
-        record(str(source), {"quantization": load.quantize, "dtype": str(dtype), "device": device})
-    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
+        pipe, source, dtype = family.load(base, load)
+        record(str(source), {"quantization": load.quantize, "dtype": str(dtype), "device": device,
+                             "family": family.name})
+    encoders = family.text_encoders(pipe)
+    for m in (pipe.vae, *encoders, pipe.transformer):
         m.requires_grad_(False)
     model_key = hashlib.sha256(str(source).encode()).hexdigest()[:16]
 
@@ -155,15 +161,16 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
     bucket_of = {i: b for b, ids in groups.items() for i in ids}
     cache_dir = project.workspace / "cache"
     pipe.vae.to(device)
-    latents = caching.cache_latents(pipe.vae, [(by_id[i].sha256, by_id[i].path, bucket_of[i]) for i in by_id],
+    latents = caching.cache_latents(family, pipe.vae,
+                                    [(by_id[i].sha256, by_id[i].path, bucket_of[i]) for i in by_id],
                                     cache_dir, model_key=model_key, device=device)
-    pipe.text_encoder.to(device)
-    pipe.text_encoder_2.to(device)
+    for m in encoders:
+        m.to(device)
     captions = {i: (by_id[i].caption or trigger) for i in by_id}
     sample_prompts = [p.replace("{trigger}", trigger) for p in cfg.sample_prompts]
-    text = caching.cache_text(pipe, [*captions.values(), "", *sample_prompts], cache_dir, model_key=model_key,
-                              max_sequence_length=cfg.max_sequence_length)
-    caching.release(pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+    text = caching.cache_text(family, pipe, [*captions.values(), "", *sample_prompts], cache_dir,
+                              model_key=model_key, max_sequence_length=cfg.max_sequence_length)
+    caching.release(pipe.vae, *encoders)
 
     # 4. LoRA on the frozen base (quantized block by block on its way to the GPU: int8 / nf4 before the
     #    LoRA, so peft wraps the quantized layers; fp8 after it), optimizer, schedule, generator; restore
@@ -204,10 +211,8 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
     # 5. The loop: one bucket batch per step.
     def batch_for(ids: list[int]) -> Batch:
         drop = torch.rand(len(ids), generator=generator) < cfg.caption_dropout
-        embeds = [text["" if d else captions[i]] for i, d in zip(ids, drop.tolist())]
-        return Batch(latents=torch.cat([latents[by_id[i].sha256] for i in ids]).to(device, dtype),
-                     prompt_embeds=torch.cat([e[0] for e in embeds]).to(device, dtype),
-                     pooled=torch.cat([e[1] for e in embeds]).to(device, dtype))
+        return family.batch([latents[by_id[i].sha256] for i in ids],
+                            [text["" if d else captions[i]] for i, d in zip(ids, drop.tolist())], device, dtype)
 
     first_step, t_steps = step, 0.0
     while step < cfg.steps:
@@ -217,7 +222,7 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
         data["position"] += 1
         lr = scheduler.get_last_lr()[0]
         t0 = time.perf_counter()
-        loss = train_step(transformer, optimizer, batch_for(ids), generator, params=list(named.values()),
+        loss = train_step(family, transformer, optimizer, batch_for(ids), generator, params=list(named.values()),
                           guidance=cfg.guidance, sampling=cfg.timestep_sampling, max_grad_norm=cfg.max_grad_norm,
                           lr_scheduler=scheduler)
         step += 1
@@ -234,17 +239,20 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
                                             keep=cfg.keep_checkpoints)
             samples.record(project, "checkpoint", ck, run_id, step, hash_file=False)
         if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-            samples.render(project, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step, device)
+            samples.render(project, family, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step,
+                           device)
         progress(step, cfg.steps, f"loss {losses[-1]['loss']:.4f}")
 
-    # 6. Outputs: LoRA (diffusers + kohya keys), resolved config, loss curve, final samples.
+    # 6. Outputs: LoRA (diffusers keys, and the family's kohya / ComfyUI keys), resolved config (with the model
+    #    that renders the LoRA in generate), loss curve, final samples.
     transformer.eval()
-    samples.render(project, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step, device)
+    samples.render(project, family, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step, device)
     state = lora_io.lora_state_dict(transformer, alpha=cfg.alpha, rank=cfg.rank)
     samples.record(project, "lora", lora_io.save_diffusers(state, run_dir), run_id, step)
-    kohya = lora_io.save_kohya(state, run_dir / lora_io.KOHYA_FILE, lora_io.out_features_of(transformer))
-    samples.record(project, "lora_kohya", kohya, run_id, step)
+    for kind, path in family.export(state, run_dir, transformer):
+        samples.record(project, kind, path, run_id, step)
     resolved = {"train": cfg.model_dump(), "base_model_path": str(source), "dataset_version": ds.version,
+                "family": family.name, "generate_model": _generate_model(project, cfg, family, base),
                 "trigger": trigger, "lora_run_id": run_id, "device": device, "dtype": str(dtype),
                 "quantize_base": load.quantize,
                 # This process's steps (a resumed run counts only its own): wall time per step, samples excluded.
@@ -257,6 +265,15 @@ def _run(project, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, t
     if png is not None:
         samples.record(project, "loss_curve", png, run_id, step)
     return [r["loss"] for r in losses]
+
+
+def _generate_model(project, cfg: TrainConfig, family, base: str) -> str | None:
+    """The model generate / evaluate render this run's LoRA on, when not the base itself: the family's choice
+    for the configured base spec (klein base -> the distilled klein), if that spec is the run's base."""
+    spec = cfg.base_model or project.config.models.base
+    if base_model_folder(cfg, project.config.models.base) != base:
+        return None
+    return family.generate_model(spec)
 
 
 def _new_epoch(groups: dict, cfg: TrainConfig, epoch: int) -> dict:

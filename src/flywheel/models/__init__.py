@@ -98,6 +98,8 @@ def _family_for_role(spec: str, family: str, role: Role) -> str:
         return family
     if role == "editor" and family == "flux":
         return "flux_kontext"  # a FLUX.1 folder loads as Kontext too (same components)
+    if {role, family} in ({"text_to_image", "flux2_klein"}, {"editor", "flux2_klein_t2i"}):
+        return "flux2_klein_t2i" if role == "text_to_image" else "flux2_klein"  # one pipeline, both roles
     raise ConfigError(
         f"'{spec}' is a {family} model ({ROLE_OF_FAMILY[family]}), but it is used as the {_ROLE_WORDS[role]}",
         hint="pick a matching preset from `flywheel models list`",
@@ -248,6 +250,7 @@ def _editor(module: str, cls_name: str, **fixed: Any):
 _ADAPTERS = {"qwen_vl": _qwen_vl, "qwen_image_edit": _qwen_image_edit, "instruct_pix2pix": _pix2pix,
              "flux": _flux, "flux_kontext": _flux_kontext,
              "flux2_klein": _editor("flywheel.models.flux2_klein", "Flux2KleinEditor"),
+             "flux2_klein_t2i": _editor("flywheel.models.flux2_klein_t2i", "Flux2KleinTextToImage"),
              "longcat_edit": _editor("flywheel.models.longcat_edit", "LongCatEditor"),
              "sdxl_inpaint": _editor("flywheel.models.sdxl_inpaint", "InpaintEditor", family="sdxl_inpaint"),
              "flux_fill": _editor("flywheel.models.sdxl_inpaint", "InpaintEditor", family="flux_fill"),

@@ -19,11 +19,11 @@ from typing import Any, Literal
 
 Role = Literal["vlm", "editor", "text_to_image"]
 Family = Literal["qwen_vl", "qwen_image_edit", "instruct_pix2pix", "flux", "flux_kontext", "flux2_klein",
-                 "longcat_edit", "sdxl_inpaint", "flux_fill", "sdxl_controlnet"]
+                 "flux2_klein_t2i", "longcat_edit", "sdxl_inpaint", "flux_fill", "sdxl_controlnet"]
 
 ROLE_OF_FAMILY: dict[str, Role] = {
     "qwen_vl": "vlm", "qwen_image_edit": "editor", "instruct_pix2pix": "editor", "flux_kontext": "editor",
-    "flux": "text_to_image", "flux2_klein": "editor", "longcat_edit": "editor",
+    "flux": "text_to_image", "flux2_klein": "editor", "longcat_edit": "editor", "flux2_klein_t2i": "text_to_image",
     "sdxl_inpaint": "editor", "flux_fill": "editor", "sdxl_controlnet": "editor",
 }
 # Bumped whenever a tiny builder changes, so stale cached tiny folders are rebuilt, not reused.
@@ -76,6 +76,7 @@ class Preset:
     # sources in docs/models.md ("Licences, sizes, VRAM classes").
     disk_gb: float = 0.0
     low_vram: str = ""  # a smaller card it fits with quantization / offload, e.g. "24 GB with fp8 + cpu_offload"
+    generate_with: str | None = None  # a LoRA base whose LoRAs render on another model (klein base -> klein)
 
     @property
     def role(self) -> Role:
@@ -209,6 +210,20 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("tiny-flux2-klein-kv", "flux2_klein", None, dtype="float32", settings=_TINY_KLEIN,
            tiny=("flywheel.testing.tiny.flux2_klein", "build_tiny_flux2_klein", {"kv": True}),
            note="random weights, for tests"),
+    # LoRA bases of FLUX.2 klein (issue 11): LoRAs train on the undistilled base and render on the distilled
+    # klein of the same size (generate_with), 4 steps. VRAM: the base in bf16 for training at 1024² (estimate).
+    Preset("flux2-klein-base-4b", "flux2_klein_t2i", "black-forest-labs/FLUX.2-klein-base-4B", vram_gib=17.0,
+           settings={"num_inference_steps": 50, "guidance_scale": 4.0}, generate_with="flux2-klein-4b",
+           note="LoRA base; its LoRAs render on flux2-klein-4b (4 steps) (VRAM: estimate)",
+           licence=APACHE, disk_gb=16.0, low_vram="16 GB with fp8 (estimate)"),
+    Preset("flux2-klein-base-9b", "flux2_klein_t2i", "black-forest-labs/FLUX.2-klein-base-9B", vram_gib=36.0,
+           settings={"num_inference_steps": 50, "guidance_scale": 4.0}, generate_with="flux2-klein-9b",
+           note="LoRA base; its LoRAs render on flux2-klein-9b (4 steps); non-commercial (VRAM: estimate)",
+           licence=FLUX_NC, disk_gb=35.0, low_vram="24 GB with fp8 (estimate)"),
+    Preset("tiny-flux2-klein-base", "flux2_klein_t2i", None, dtype="float32",
+           settings={"num_inference_steps": 2, "max_sequence_length": 32}, generate_with="tiny-flux2-klein",
+           tiny=("flywheel.testing.tiny.flux2_klein", "build_tiny_flux2_klein", {"distilled": False}),
+           note="random weights, for tests (the tiny klein's undistilled twin)"),
     Preset("tiny-longcat-image-edit", "longcat_edit", None, dtype="float32",
            settings={"num_inference_steps": 2, "guidance_scale": 1.0},
            tiny=("flywheel.testing.tiny.longcat", "build_tiny_longcat_edit", {}), note="random weights, for tests"),

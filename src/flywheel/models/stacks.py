@@ -1,7 +1,8 @@
 """Named model stacks: ``[models] stack = "flux1"`` picks every role's model at once.
 
 A stack names a consistent set: the captioner and judge VLM, the editor (and the ``[enrich] backend`` that
-drives it), and the base that LoRAs are trained on and generate with. Any role set explicitly in
+drives it), and the base that LoRAs are trained on. LoRAs render on that base, unless its preset names
+another model (``Preset.generate_with``: the klein bases render on the distilled klein of their size). Any role set explicitly in
 ``flywheel.toml`` wins over the stack (``ModelsConfig`` tells set keys from defaults with pydantic's
 ``model_fields_set``). The default stack is the set new projects have always had; docs/models.md gives the
 reasoning, and the licence of each stack's models.
@@ -36,8 +37,13 @@ STACKS: dict[str, Stack] = {s.name: s for s in [
     Stack("flux1-kontext", "qwen2-vl-2b", "qwen2-vl-2b", "flux-kontext-dev", "flux-dev", "flux-kontext",
           "FLUX.1 Kontext [dev] edits, FLUX.1-dev LoRAs: both fit 24 GB with fp8 + cpu_offload "
           "(configs/examples/gpu-24gb.toml); both non-commercial"),
+    Stack("klein4b", "qwen3-vl-8b", "qwen3-vl-8b", "flux2-klein-4b", "flux2-klein-base-4b", "flux2-klein",
+          "FLUX.2 klein 4B edits (4 steps, several references), LoRAs trained on klein-base 4B and rendered on "
+          "klein 4B (4 steps), Qwen3-VL-8B captions and judge: Apache-2.0 end to end, each fits 24 GB"),
     Stack("tiny", "tiny", "tiny", "tiny", "tiny", "qwen-image-edit",
           "tiny random models of the flux1 stack's architectures, on the CPU: tests and demos only"),
+    Stack("tiny-klein", "tiny-qwen3-vl", "tiny-qwen3-vl", "tiny-flux2-klein", "tiny-flux2-klein-base", "flux2-klein",
+          "tiny random models of the klein4b stack's architectures, on the CPU: tests and demos only"),
 ]}
 DEFAULT_STACK = "flux1"
 

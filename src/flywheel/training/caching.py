@@ -38,14 +38,14 @@ def _load(path: Path) -> dict:
     return load_file(str(path))
 
 
-def cache_latents(vae, items: list[tuple[str, Path, Bucket]], cache_dir: Path, *, model_key: str, device) -> dict:
-    """{image sha: normalised latent (1, 16, h/8, w/8) on the CPU} for (sha, image path, bucket) items."""
+def cache_latents(family, vae, items: list[tuple[str, Path, Bucket]], cache_dir: Path, *, model_key: str,
+                  device) -> dict:
+    """{image sha: the family's normalised latent (1, C, h, w) on the CPU} for (sha, image path, bucket) items."""
     import numpy as np
     import torch
     from PIL import Image
 
     out = {}
-    shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
     for sha, path, bucket in items:
         f = cache_dir / "latents" / f"{_key(sha, bucket.width, bucket.height, model_key)}.safetensors"
         if not f.is_file():
@@ -53,26 +53,21 @@ def cache_latents(vae, items: list[tuple[str, Path, Bucket]], cache_dir: Path, *
                 pixels = fit_to_bucket(im.convert("RGB"), bucket)
             x = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
             with torch.no_grad():
-                mean = vae.encode(x.to(device, vae.dtype)).latent_dist.mode()  # the mean: deterministic
-            _save({"latent": ((mean - shift) * scale).float()}, f)
+                latent = family.encode_latent(vae, x.to(device, vae.dtype))
+            _save({"latent": latent}, f)
         out[sha] = _load(f)["latent"]
     return out
 
 
-def cache_text(pipe, prompts: list[str], cache_dir: Path, *, model_key: str, max_sequence_length: int) -> dict:
-    """{prompt: (T5 embeddings (1, L, D), CLIP pooled (1, P))} on the CPU, via the pipeline's encode_prompt."""
-    import torch
-
+def cache_text(family, pipe, prompts: list[str], cache_dir: Path, *, model_key: str,
+               max_sequence_length: int) -> dict:
+    """{prompt: the family's text tensors ({"prompt_embeds": (1, L, D), ...})} on the CPU."""
     out = {}
     for prompt in dict.fromkeys(prompts):
         f = cache_dir / "text" / f"{_key(prompt, model_key, max_sequence_length)}.safetensors"
         if not f.is_file():
-            with torch.no_grad():
-                embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=max_sequence_length,
-                                                       device=pipe.text_encoder.device)
-            _save({"prompt_embeds": embeds.float(), "pooled": pooled.float()}, f)
-        t = _load(f)
-        out[prompt] = (t["prompt_embeds"], t["pooled"])
+            _save(family.encode_text(pipe, prompt, max_sequence_length=max_sequence_length), f)
+        out[prompt] = _load(f)
     return out
 
 

@@ -19,9 +19,9 @@ BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15  # FLUX.
 class Batch:
     """One bucket's worth of cached inputs (all on the training device)."""
 
-    latents: Any          # (B, 16, H/8, W/8), already shifted and scaled like the VAE config says
-    prompt_embeds: Any    # (B, L, 4096) T5
-    pooled: Any           # (B, 768) CLIP pooled
+    latents: Any          # FLUX.1: (B, 16, H/8, W/8), shifted and scaled like the VAE config says
+    prompt_embeds: Any    # FLUX.1: (B, L, 4096) T5
+    pooled: Any           # FLUX.1: (B, 768) CLIP pooled; None for families without one (klein)
 
 
 def pack_latents(latents):
@@ -83,22 +83,12 @@ def flow_matching_loss(transformer, batch: Batch, noise, sigmas, *, guidance: fl
 
 def train_step(transformer, optimizer, batch: Batch, generator, *, params, guidance: float = 1.0,
                sampling: str = "shifted_sigmoid", max_grad_norm: float | None = 1.0, lr_scheduler=None) -> float:
-    """Draw noise and t from ``generator``, one forward/backward, clip, optimizer (and scheduler) step."""
-    import torch
+    """The FLUX.1 step (``flywheel.training.step.train_step`` with the FLUX.1 family), for the benchmarks."""
+    from flywheel.training.families.flux1 import Flux1
+    from flywheel.training.step import train_step as family_step
 
-    lat = batch.latents
-    b, _, h, w = lat.shape
-    sigmas = sample_sigmas(b, generator, image_seq_len=(h // 2) * (w // 2), sampling=sampling)
-    noise = torch.randn(lat.shape, generator=generator, dtype=torch.float32).to(lat.device, lat.dtype)
-    loss = flow_matching_loss(transformer, batch, noise, sigmas, guidance=guidance)
-    loss.backward()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if lr_scheduler is not None:
-        lr_scheduler.step()
-    return loss.detach()
+    return family_step(Flux1(), transformer, optimizer, batch, generator, params=params, guidance=guidance,
+                       sampling=sampling, max_grad_norm=max_grad_norm, lr_scheduler=lr_scheduler)
 
 
 def checkpoint_blocks(transformer, every: int = 1) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.errors import StageError
@@ -22,25 +23,43 @@ log = logging.getLogger(__name__)
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 
-_DOUBLE_FUSED = {"img_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
-                 "txt_attn_qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]}
-_DOUBLE_SINGLE = {"attn.to_out.0": "img_attn_proj", "attn.to_add_out": "txt_attn_proj",
-                  "ff.net.0.proj": "img_mlp_0", "ff.net.2": "img_mlp_2", "ff_context.net.0.proj": "txt_mlp_0",
-                  "ff_context.net.2": "txt_mlp_2", "norm1.linear": "img_mod_lin", "norm1_context.linear": "txt_mod_lin"}
-_SINGLE_FUSED = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]}
-_SINGLE_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation_lin"}
-_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer_linear"}
+@dataclass(frozen=True)
+class KohyaKeys:
+    """How a transformer's diffusers module names map to kohya / ComfyUI ``lora_unet_*`` names (the original
+    BFL checkpoint's, dots as underscores): fused layers (several diffusers Linears in one original Linear),
+    one-to-one layers inside double / single blocks, and top-level layers."""
+
+    double_fused: dict[str, list[str]]
+    double_single: dict[str, str]
+    single_fused: dict[str, list[str]]
+    single_single: dict[str, str]
+    top: dict[str, str]
+    metadata: dict[str, str]
 
 
-def kohya_nameable(module: str) -> bool:
+FLUX1_KEYS = KohyaKeys(
+    double_fused={"img_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+                  "txt_attn_qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]},
+    double_single={"attn.to_out.0": "img_attn_proj", "attn.to_add_out": "txt_attn_proj", "ff.net.0.proj": "img_mlp_0",
+                   "ff.net.2": "img_mlp_2", "ff_context.net.0.proj": "txt_mlp_0", "ff_context.net.2": "txt_mlp_2",
+                   "norm1.linear": "img_mod_lin", "norm1_context.linear": "txt_mod_lin"},
+    single_fused={"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]},
+    single_single={"proj_out": "linear2", "norm.linear": "modulation_lin"},
+    top={"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer_linear"},
+    metadata={"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"},
+)
+
+
+def kohya_nameable(module: str, keys: KohyaKeys = FLUX1_KEYS) -> bool:
     """Whether ``to_kohya`` has a name for a LoRA on transformer module ``module``
     (e.g. ``single_transformer_blocks.3.proj_mlp``: yes; ``norm_out.linear``: no)."""
     m = re.match(r"(transformer_blocks|single_transformer_blocks)\.\d+\.(.+)$", module)
     if m is None:
-        return module in _TOP
+        return module in keys.top
     double = m.group(1) == "transformer_blocks"
-    fused = (_DOUBLE_FUSED if double else _SINGLE_FUSED).values()
-    return m.group(2) in (_DOUBLE_SINGLE if double else _SINGLE_SINGLE) or any(m.group(2) in parts for parts in fused)
+    fused = (keys.double_fused if double else keys.single_fused).values()
+    return (m.group(2) in (keys.double_single if double else keys.single_single)
+            or any(m.group(2) in parts for parts in fused))
 
 
 def lora_state_dict(transformer, *, alpha: float, rank: int) -> dict:
@@ -64,7 +83,7 @@ def save_diffusers(state: dict, folder: Path) -> Path:
     return folder / LORA_FILE
 
 
-def to_kohya(state: dict, out_features: dict[str, int], *, dtype=None) -> dict:
+def to_kohya(state: dict, out_features: dict[str, int], *, dtype=None, keys: KohyaKeys = FLUX1_KEYS) -> dict:
     """Convert diffusers keys to kohya ``lora_unet_*`` keys. ``out_features`` maps module name (as in the
     transformer, e.g. ``single_transformer_blocks.0.proj_mlp``) to its output size, for zero parts."""
     import torch
@@ -107,16 +126,16 @@ def to_kohya(state: dict, out_features: dict[str, int], *, dtype=None) -> dict:
         m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", mod)
         if m:
             blocks.setdefault((m.group(1), int(m.group(2))), []).append(m.group(3))
-        elif mod in _TOP:
-            emit(_TOP[mod], *pairs[mod])
+        elif mod in keys.top:
+            emit(keys.top[mod], *pairs[mod])
             used.add(mod)
     for (kind, i), _ in sorted(blocks.items()):
         prefix = f"{kind}.{i}."
         double = kind == "transformer_blocks"
         kname = f"{'double' if double else 'single'}_blocks_{i}_"
-        for fname, parts in (_DOUBLE_FUSED if double else _SINGLE_FUSED).items():
+        for fname, parts in (keys.double_fused if double else keys.single_fused).items():
             fused(kname + fname, [prefix + p for p in parts])
-        for part, sname in (_DOUBLE_SINGLE if double else _SINGLE_SINGLE).items():
+        for part, sname in (keys.double_single if double else keys.single_single).items():
             if prefix + part in pairs:
                 emit(kname + sname, *pairs[prefix + part])
                 used.add(prefix + part)
@@ -137,10 +156,9 @@ def out_features_of(transformer) -> dict[str, int]:
     return sizes
 
 
-def save_kohya(state: dict, path: Path, out_features: dict[str, int]) -> Path:
+def save_kohya(state: dict, path: Path, out_features: dict[str, int], keys: KohyaKeys = FLUX1_KEYS) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    save_file(to_kohya(state, out_features, dtype=torch.bfloat16), str(path),
-              metadata={"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"})
+    save_file(to_kohya(state, out_features, dtype=torch.bfloat16, keys=keys), str(path), metadata=keys.metadata)
     return path

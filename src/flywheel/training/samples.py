@@ -11,34 +11,31 @@ from flywheel.config import TrainConfig
 from flywheel.training import caching
 
 
-def render(project, pipe, transformer, cfg: TrainConfig, text: dict, prompts: list[str], run_id: int,
+def render(project, family, pipe, transformer, cfg: TrainConfig, text: dict, prompts: list[str], run_id: int,
            run_dir: Path, step: int, device) -> None:
     """Fixed prompts x fixed seeds with the LoRA as it is now; each image is an artifact with its settings."""
     import torch
-    from diffusers import FluxPipeline
 
     if not prompts or not cfg.sample_seeds:
         return
     was_training = transformer.training
     transformer.eval()
     pipe.vae.to(device)
-    sampler = FluxPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=None, tokenizer=None,
-                           text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    sampler = family.sample_pipeline(pipe, transformer)
     sampler.set_progress_bar_config(disable=True)
+    guidance = family.sample_guidance
     out = run_dir / "samples"
     out.mkdir(exist_ok=True)
     with torch.no_grad():
         for pi, prompt in enumerate(prompts):
-            embeds, pooled = text[prompt]
             for seed in cfg.sample_seeds:
-                image = sampler(prompt_embeds=embeds.to(device, transformer.dtype),
-                                pooled_prompt_embeds=pooled.to(device, transformer.dtype),
+                image = sampler(**family.sample_kwargs(text[prompt], text[""], device, transformer.dtype),
                                 width=cfg.sample_size, height=cfg.sample_size, num_inference_steps=cfg.sample_steps,
-                                guidance_scale=3.5, generator=torch.Generator().manual_seed(seed)).images[0]
+                                guidance_scale=guidance, generator=torch.Generator().manual_seed(seed)).images[0]
                 path = out / f"step{step:06d}-p{pi}-s{seed}.png"
                 image.save(path)
                 record(project, "sample", path, run_id, step, meta={"prompt": prompt, "seed": seed,
-                                                                       "steps": cfg.sample_steps, "guidance": 3.5,
+                                                                       "steps": cfg.sample_steps, "guidance": guidance,
                                                                        "size": cfg.sample_size})
     caching.release(pipe.vae)
     if was_training:

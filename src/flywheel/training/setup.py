@@ -31,9 +31,14 @@ def base_load(project, cfg: TrainConfig, device: str | None) -> BaseLoad:
     return BaseLoad(resolved, dtype, mode, bool(role["cpu_offload"]))
 
 
-def check_runnable(cfg: TrainConfig, load: BaseLoad) -> None:
-    """Options that need a GPU or an optional library fail here, with what to do, not after the loading."""
-    targets.check_target_modules(cfg.target_modules)  # else the kohya export fails after training
+def check_runnable(cfg: TrainConfig, load: BaseLoad, family=None) -> None:
+    """Options that need a GPU or an optional library fail here, with what to do, not after the loading.
+    ``family`` (``flywheel.training.families``; FLUX.1 when None) names the layers LoRA targets must match."""
+    if family is None:
+        targets.check_target_modules(cfg.target_modules)  # else the kohya export fails after training
+    else:
+        targets.check_target_modules(cfg.target_modules, family.linears, family.nameable, family.label,
+                                     family.containers)
     quantize.check_quantize_support(load.quantize, load.device)
     if cfg.optimizer == "adamw8bit":
         try:

@@ -34,29 +34,38 @@ def matches(module: str, target: str) -> bool:
     return module == target or module.endswith(f".{target}")
 
 
-def nameable_targets() -> list[str]:
+def nameable_targets(linears: tuple[str, ...] = FLUX_LINEARS, nameable=kohya_nameable) -> list[str]:
     """The targets the kohya exporter can name, shortest form first seen (``attn.to_q``, ``proj_mlp``, ...)."""
     out: list[str] = []
-    for name in FLUX_LINEARS:
+    for name in linears:
         short = name.split(".{i}.", 1)[-1]
-        if kohya_nameable(name.replace("{i}", "0")) and short not in out:
+        if nameable(name.replace("{i}", "0")) and short not in out:
             out.append(short)
     return out
 
 
-def check_target_modules(targets: list[str]) -> None:
-    """Raise ConfigError (one line) for a target matching no layer, or a layer the kohya exporter can't name."""
-    layers = {name.replace("{i}", "0"): name.replace("{i}", "N") for name in FLUX_LINEARS}
+def check_target_modules(targets: list[str], linears: tuple[str, ...] = FLUX_LINEARS, nameable=kohya_nameable,
+                         model: str = "FLUX", containers: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError (one line) for a target matching no layer, or a layer the kohya exporter can't name.
+    ``linears`` / ``nameable`` / ``model``: the family's (``flywheel.training.families``); FLUX.1 by default.
+    ``containers``: non-Linear modules whose names a target could also match (peft refuses those)."""
+    layers = {name.replace("{i}", "0"): name.replace("{i}", "N") for name in linears}
     for target in targets:
+        box = next((c.replace("{i}", "N") for c in containers if matches(c.replace("{i}", "0"), target)), None)
+        if box is not None:  # peft would stop at it after the loading: it only wraps Linear layers
+            raise ConfigError(f"[train] target_modules entry {target!r} also matches {box}, which is not a Linear "
+                              f"layer of the {model} transformer", hint=f"name the layer in full, e.g. "
+                              f"'single_transformer_blocks.0.{target}', or pick from: "
+                              + ", ".join(nameable_targets(linears, nameable)))
         hit = [name for name in layers if matches(name, target)]
-        unnamed = [layers[name] for name in hit if not kohya_nameable(name)]
+        unnamed = [layers[name] for name in hit if not nameable(name)]
         if hit and not unnamed:
             continue
         problem = (f"has no kohya name (it matches {unnamed[0]})" if hit
-                   else "matches no linear layer of the FLUX transformer")
+                   else f"matches no linear layer of the {model} transformer")
         raise ConfigError(
             f"[train] target_modules entry {target!r} {problem}; the kohya exporter names: "
-            + ", ".join(nameable_targets()),
+            + ", ".join(nameable_targets(linears, nameable)),
             hint="set [train] target_modules in flywheel.toml to entries from that list, e.g. "
                  "[\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]",
         )
