@@ -108,3 +108,27 @@ def test_demo_config_takes_a_tiny_stack_and_refuses_a_real_one():
     assert parse_config(tomllib.loads(demo_config())).models.base == "tiny"  # the default demo is unchanged
     with pytest.raises(ConfigError, match="the demo runs offline on tiny models: stack 'klein4b' is not one of "):
         demo_config("klein4b")
+
+
+def test_export_writes_an_ai_toolkit_job_for_the_klein_base(tmp_path: Path):
+    import yaml
+    from PIL import Image
+
+    from flywheel.dataset import freeze_dataset
+    from flywheel.export import export_dataset
+    from flywheel.project import init_project
+
+    init_project(tmp_path / "p", name="A", trigger="fw_a")
+    (tmp_path / "p" / "flywheel.toml").write_text('[project]\nname = "A"\ntrigger = "fw_a"\n[models]\n'
+                                                  'stack = "tiny-klein"\n')
+    with open_project(tmp_path / "p") as project:
+        sha, _ = project.store.put_image(Image.new("RGB", (64, 32), (200, 0, 0)))
+        project.catalog.insert("images", {"sha256": sha, "pixel_sha256": sha, "phash": "0" * 16, "width": 64,
+                                          "height": 32, "kind": "source", "round": 0})
+        freeze_dataset(project, 1)
+        res = export_dataset(project, tmp_path / "out", fmt="kohya")
+    job = yaml.safe_load((tmp_path / "out" / "ai-toolkit.yaml").read_text())
+    (process,) = job["config"]["process"]
+    assert process["model"] == {"name_or_path": "black-forest-labs/FLUX.2-klein-base-4B", "arch": "flux2_klein_4b",
+                                "quantize": True}
+    assert process["sample"]["guidance_scale"] == 4.0 and res.configs

@@ -39,10 +39,10 @@ class TuneJudgeConfig(Section):
 
 
 class TrainConfig(Section):
-    """``flywheel train``: a FLUX.1 LoRA on a frozen dataset version (documented in flywheel.toml.template)."""
+    """``flywheel train``: a FLUX.1 or FLUX.2 klein LoRA on a frozen dataset version (flywheel.toml.template)."""
 
     base_model: str | None = Field(
-        None, description="FLUX.1 base to train on: preset, folder or hub id; unset = [models] base.")
+        None, description="Base to train on (FLUX.1 or klein base): preset, folder or hub id; unset = [models] base.")
     resolution: int = Field(1024, ge=64, multiple_of=16, description="Bucket area is about resolution^2 px.")
     bucket_step: int = Field(64, ge=16, multiple_of=16, description="Bucket sides are multiples of this (px).")
     max_aspect: float = Field(2.0, ge=1.0, le=4.0)

@@ -2,7 +2,8 @@
 
 - ``ai-toolkit.yaml``: an ostris/ai-toolkit job (``python run.py ai-toolkit.yaml``), laid out like its
   ``config/examples/train_lora_flux_24gb.yaml``: one ``sd_trainer`` process with the dataset folder, the
-  trigger word, and the network, train, model and sample settings taken from ``[train]``.
+  trigger word, and the network, train, model and sample settings taken from ``[train]``; a klein base
+  names its ai-toolkit model class (``arch: flux2_klein_4b`` / ``flux2_klein_9b``) instead of ``is_flux``.
 - ``kohya-dataset.toml``: a kohya sd-scripts dataset config (``flux_train_network.py --dataset_config``)
   with the keys of its ``docs/config_README-en.md``: one DreamBooth-style subset on the folder, its repeats,
   the class tokens (used only for an image without a caption file) and the caption dropout.
@@ -20,16 +21,21 @@ AI_TOOLKIT_FILE = "ai-toolkit.yaml"
 KOHYA_FILE = "kohya-dataset.toml"
 SHORT_SUFFIX = ".short.txt"
 DEFAULT_BASE = "black-forest-labs/FLUX.1-dev"  # when the project trains a tiny test stand-in
+KLEIN_BASE_4B, KLEIN_BASE_9B = "black-forest-labs/FLUX.2-klein-base-4B", "black-forest-labs/FLUX.2-klein-base-9B"
+TINY_BASES = {"tiny-flux2-klein-base": KLEIN_BASE_4B}  # a tiny twin exports as the base it stands in for
+# ai-toolkit's model classes for the klein bases (`arch` of its Flux2Klein4BModel / Flux2Klein9BModel);
+# FLUX.1 is its default model (`is_flux`).
+AI_TOOLKIT_ARCH = {KLEIN_BASE_4B: "flux2_klein_4b", KLEIN_BASE_9B: "flux2_klein_9b"}
 
 
 def trainer_base(project) -> str:
-    """The FLUX.1 base other trainers should load: the preset's hub id, or the folder / hub id as configured."""
+    """The base other trainers should load: the preset's hub id, or the folder / hub id as configured."""
     from flywheel.models.presets import get_preset
 
     spec = project.config.train.base_model or project.config.models.base
     preset = get_preset(spec, role="text_to_image")
-    if preset is not None:
-        return preset.hub_id or DEFAULT_BASE  # a tiny preset has no hub id: it exists only in tests and the demo
+    if preset is not None:  # a tiny preset has no hub id: it exists only in tests and the demo
+        return preset.hub_id or TINY_BASES.get(preset.name, DEFAULT_BASE)
     return spec
 
 
@@ -39,6 +45,9 @@ def write_ai_toolkit(path: Path, project, folder: Path, *, trigger_phrase: str, 
 
     cfg = project.config.train
     resolutions = sorted({r for r in (512, 768, 1024) if r < cfg.resolution} | {cfg.resolution})
+    base = trainer_base(project)
+    arch = AI_TOOLKIT_ARCH.get(base)
+    model = ({"name_or_path": base, "arch": arch} if arch else {"name_or_path": base, "is_flux": True})
     dataset = {"folder_path": str(folder), "caption_ext": "txt", "caption_dropout_rate": cfg.caption_dropout,
                "shuffle_tokens": False, "cache_latents_to_disk": True, "resolution": resolutions}
     datasets = [dataset]
@@ -63,12 +72,11 @@ def write_ai_toolkit(path: Path, project, folder: Path, *, trigger_phrase: str, 
                           "gradient_checkpointing": cfg.gradient_checkpointing, "noise_scheduler": "flowmatch",
                           "optimizer": "adamw8bit" if cfg.optimizer == "adamw8bit" else "adamw",
                           "lr": cfg.learning_rate, "dtype": "bf16"},
-                "model": {"name_or_path": trainer_base(project), "is_flux": True,
-                          "quantize": cfg.quantize_base != "none"},
+                "model": {**model, "quantize": cfg.quantize_base != "none"},
                 "sample": {"sampler": "flowmatch", "sample_every": cfg.sample_every or cfg.steps,
                            "width": cfg.sample_size, "height": cfg.sample_size, "prompts": prompts, "neg": "",
                            "seed": cfg.sample_seeds[0] if cfg.sample_seeds else 42, "walk_seed": True,
-                           "guidance_scale": 3.5, "sample_steps": cfg.sample_steps},
+                           "guidance_scale": 4.0 if arch else 3.5, "sample_steps": cfg.sample_steps},
             }],
         },
         "meta": {"name": "[name]", "version": "1.0"},
