@@ -16,23 +16,21 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
 from flywheel.catalog.queries import KEPT_SOURCES
 from flywheel.compute import UnitFailed, map_calls
 from flywheel.config import EnrichConfig, ModelsConfig
-from flywheel.enrich_routes import (ROUTE_FAMILY, ROUTE_PRESET, ensure_description, load_route_editor,
-                                    record_edit_mask, routed_config, routes, uses_describe)
+from flywheel.enrich_routes import (ROUTE_FAMILY, ROUTE_PRESET, ensure_description, load_route_editor, routed_config,
+                                    routes, uses_describe)
 from flywheel.enrich_settings import editor_settings, settings_tag
+from flywheel.enrich_units import done_keys, fail_units, record_unit, start_unit
 from flywheel.errors import ConfigError, ModelOutputError, StageError
-from flywheel.images import phash, phash_hex, pixel_sha256
 from flywheel.models.base import EditRequest, ImageEditor
 from flywheel.progress import ProgressFn, no_progress
 from flywheel.project import Project
 from flywheel.recipes import Recipe, load_recipes
-from flywheel.signals.segmentation import record_mask_report
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +136,7 @@ def _enrich(project: Project, cfg: EnrichConfig, editor: ImageEditor | None, pro
     result.planned = len(units)
 
     # 2. Skip what is done: an 'ok' operation with its image, or 'skipped' (identical output).
-    done = _done_keys(project, [u.work_key for u in units])
+    done = done_keys(project, [u.work_key for u in units])
     todo = [u for u in units if u.work_key not in done]
     result.already_done = len(units) - len(todo)
     progress(result.already_done, result.planned, "edits")
@@ -201,7 +199,7 @@ def _edit_all(project: Project, cfg: EnrichConfig, editor: ImageEditor, units, t
                 missing = [u for u in batch if u.work_key not in done]
                 refs = {u.work_key: [i for i in sources if i != u.source_id][:n_refs] for u in batch}
                 running[batch[0].work_key] = ops = [
-                    _start_unit(project, u, editor, cfg, run_id, refs[u.work_key], len(batch)) for u in missing]
+                    start_unit(project, u, editor, cfg, run_id, refs[u.work_key], len(batch)) for u in missing]
                 requests = [EditRequest(image=load(u.source_id), prompt=u.recipe.full_prompt, seed=u.seed,
                                         references=[load(i) for i in refs[u.work_key]], recipe=u.recipe) for u in batch]
                 yield (batch, missing, refs, ops), (requests,)
@@ -214,22 +212,22 @@ def _edit_all(project: Project, cfg: EnrichConfig, editor: ImageEditor, units, t
                 if err is None and len(outputs) != len(batch):
                     err = ModelOutputError(f"the editor returned {len(outputs)} images for {len(batch)} requests")
                 if isinstance(err, (ModelOutputError, UnitFailed)):  # this batch's inputs are unusable: record, go on
-                    _fail(project, ops, t0, err)
+                    fail_units(project, ops, t0, err)
                     result.failed.extend((u.work_key, str(err).split("\n")[0]) for u in missing)
                     log.warning("enrich: %d edit(s) failed: %s", len(missing), str(err).split("\n")[0])
                 elif err is not None:
-                    _fail(project, ops, t0, err)
+                    fail_units(project, ops, t0, err)
                     raise err
                 else:
                     ms = int(out.seconds * 1000 / len(batch))
                     by_key = {u.work_key: image for u, image in zip(batch, outputs)}
                     for unit, op_id in zip(missing, ops):
-                        _record(project, unit, op_id, by_key[unit.work_key], refs[unit.work_key], ms, result)
+                        record_unit(project, unit, op_id, by_key[unit.work_key], refs[unit.work_key], ms, result)
                     finished += len(missing)
                     progress(finished, result.planned, f"edits ({batch[-1].recipe.id})")
         except BaseException as err:  # anything else stops the run; a re-run redoes the units not recorded
             for ops in running.values():
-                _fail(project, ops, time.perf_counter(), err)
+                fail_units(project, ops, time.perf_counter(), err)
             raise
 
 
@@ -264,74 +262,3 @@ def editor_spec(cfg: EnrichConfig, models: ModelsConfig) -> str:
             )
         spec = BACKEND_PRESET[cfg.backend]  # the default editor was never chosen: use the backend's default
     return spec
-
-
-def _done_keys(project: Project, keys: list[str]) -> set[str]:
-    done: set[str] = set()
-    for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
-        chunk = keys[i:i + 500]
-        rows = project.catalog.query(
-            f"SELECT o.work_key FROM operations o WHERE o.work_key IN ({','.join('?' * len(chunk))}) AND "
-            "(o.status = 'skipped' OR (o.status = 'ok' AND EXISTS (SELECT 1 FROM images i WHERE i.operation_id = o.id)))",
-            tuple(chunk),
-        )
-        done.update(r[0] for r in rows)
-    return done
-
-
-def _start_unit(project: Project, unit: EditUnit, editor: ImageEditor, cfg: EnrichConfig, run_id: int,
-                refs: list[int], batch_size: int) -> int:
-    """The unit's operation row, status 'running' (new, or the one a failed or killed attempt left)."""
-    params: dict[str, Any] = {
-        "prompt": unit.recipe.full_prompt, "recipe": unit.recipe.id, "axis": unit.recipe.axis,
-        "backend": cfg.backend, "source_image_id": unit.source_id, "reference_image_ids": refs,
-        "batch_size": batch_size, "editor": editor.params(),
-    }
-    if unit.recipe.caption_for(cfg.backend):  # read by template captions (flywheel.caption)
-        params["caption"] = unit.recipe.caption_for(cfg.backend)  # the composite editor's own, if it has one
-    route = getattr(cfg.routes, unit.recipe.axis)
-    if route is not None:  # this axis has its own backend
-        params["route"] = f"[enrich.routes] {unit.recipe.axis} = {route}"
-    recipe_prompt = getattr(editor, "recipe_prompt", None)  # text-to-image editors: the scene, not an instruction
-    if callable(recipe_prompt):
-        params["pipeline_prompt"] = recipe_prompt(unit.recipe)
-    final_prompt = getattr(editor, "pipeline_prompt", None)  # e.g. Qwen's "Picture 1" wording with references
-    if callable(final_prompt) and final_prompt(unit.recipe.full_prompt, len(refs)) != unit.recipe.full_prompt:
-        params["pipeline_prompt"] = final_prompt(unit.recipe.full_prompt, len(refs))
-    if cfg.backend == "composite":  # the composite editor follows the spec, not the prompt: record it
-        params["composite"] = unit.recipe.composite.model_dump(mode="json")
-    # A killed or failed earlier attempt's row is taken over by the catalog: nothing is duplicated.
-    return project.catalog.start_operation(STAGE, model=editor.model_id, params=params, seed=unit.seed,
-                                           parent_id=run_id, work_key=unit.work_key)
-
-
-def _fail(project: Project, ops: list[int], t0: float, err: BaseException) -> None:
-    ms = int((time.perf_counter() - t0) * 1000)
-    for op_id in ops:
-        project.catalog.finish_operation(op_id, "failed", ms, f"{type(err).__name__}: {err}")
-
-
-def _record(project: Project, unit: EditUnit, op_id: int, out: Image.Image, refs: list[int], ms: int,
-            result: EnrichResult) -> None:
-    image = out.convert("RGB")
-    sha, _ = project.store.put_image(image)  # file first: an orphan file is harmless, a dangling row is not
-    catalog = project.catalog
-    with catalog.transaction():
-        same = catalog.query("SELECT id FROM images WHERE sha256 = ?", (sha,))
-        if same:
-            catalog.finish_operation(op_id, "skipped", ms, f"output identical to image {same[0]['id']}",
-                                     output_image_id=same[0]["id"])
-            result.identical += 1
-            return
-        image_id = catalog.insert("images", {
-            "sha256": sha, "pixel_sha256": pixel_sha256(image), "phash": phash_hex(phash(image)),
-            "width": image.width, "height": image.height, "kind": "enriched", "round": 0, "operation_id": op_id,
-        })
-        catalog.insert("image_parents", {"image_id": image_id, "parent_id": unit.source_id, "role": "source"})
-        for ref in refs:
-            catalog.insert("image_parents", {"image_id": image_id, "parent_id": ref, "role": "reference"})
-        if record_mask_report(catalog, image_id, out, op_id) is False:  # the composite / inpainting person mask
-            result.mask_failed.append(image_id)
-        record_edit_mask(project, image_id, out, op_id)  # the inpainting editors' mask, with the image's lineage
-        catalog.finish_operation(op_id, "ok", ms, output_image_id=image_id)
-    result.made.append(image_id)
