@@ -9,6 +9,7 @@ unit is recorded as failed with its error, and the rest of the stage finishes.
 
 from __future__ import annotations
 
+import json
 import shutil
 from functools import partial
 from pathlib import Path
@@ -179,6 +180,32 @@ def test_a_unit_that_keeps_failing_is_recorded_failed_and_the_stage_goes_on(clus
         assert [(":sunset:" in r["work_key"], r["status"]) for r in rows] == [
             (False, "ok"), (True, "failed"), (False, "ok"), (True, "failed")]
         assert all("cannot edit sunset" in r["error"] for r in rows if r["status"] == "failed")
+
+
+def test_a_judge_question_that_keeps_failing_leaves_scores_without_a_value(cluster, base, tmp_path):
+    from flywheel.compute.ray_pool import RemoteModel
+    from flywheel.enrich import enrich
+    from flywheel.judge import judge
+    from flywheel.testing.flaky import FlakyVLM
+
+    with _copy(base, tmp_path / "judge", "ray") as p:
+        p.config.compute.backend = "local"
+        enrich(p)  # composite edits, here
+        vlm = RemoteModel(p.config.compute, partial(FlakyVLM, "visible defects"), "flaky-vlm")
+        try:
+            result = judge(p, vlm=vlm)
+        finally:
+            vlm.close()
+        assert len(result.verdicts) == 4  # every image judged: the other checks decide
+        rows = p.catalog.query("SELECT criterion, value, details_json FROM scores WHERE scorer = 'vlm_pairwise:flaky-vlm'")
+        by = {}
+        for r in rows:
+            by.setdefault(r["criterion"], []).append((r["value"], json.loads(r["details_json"])))
+        assert [v for v, _ in by["identity"]] == [pytest.approx(0.9)] * 4
+        assert [v for v, _ in by["quality"]] == [None] * 4
+        assert all("RuntimeError: cannot answer 'visible defects'" in d["probabilities"]["error"] for _, d in by["quality"])
+        failed = p.catalog.query("SELECT error FROM operations WHERE stage = 'judge' AND status = 'failed'")
+        assert len(failed) == 2 and all("cannot answer" in r["error"] for r in failed)  # the question of each batch
 
 
 def test_compute_section_is_strict_and_documented():
