@@ -135,6 +135,9 @@ def training(args, gpus: int) -> dict | None:
         return None
     out = {}
     root = args.root / "train"
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    if not args.tiny and not fullsize.has_repo(cache, fullsize.FLUX_DEV):  # the default [train] base, at full size
+        fullsize.build_flux_dev(cache, tiny=False, device="cuda")
     for k in (1, gpus):
         base = base_project(root, argparse.Namespace(**{**vars(args), "caption_images": 0}))
         size, tiny_base = (64, 'base_model = "tiny"\n') if args.tiny else (1024, "")
@@ -187,7 +190,14 @@ def main() -> None:
     base = None
     for what in todo:
         if what == "training":
-            results["training"] = training(args, args.gpus)
+            runs = training(args, args.gpus)
+            if runs:
+                results["training"] = {**{str(k): v for k, v in runs.items()},
+                                       "speedup": runs[args.gpus]["per_s"] / runs[1]["per_s"]}
+                for r in runs.values():
+                    print(f"training  {r['replicas']} GPU(s): {r['units']} steps in {r['stage_s']:.1f} s = "
+                          f"{r['per_s']:.3f} steps/s", flush=True)
+                print(f"training  speed-up on {args.gpus} vs 1: {results['training']['speedup']:.2f}x", flush=True)
             continue
         for repo, build in needs[what] if not args.tiny else []:
             if not fullsize.has_repo(cache, repo):
