@@ -100,11 +100,6 @@ class _Replica:
         value = getattr(self.model, name)
         return ("method", None) if callable(value) else ("value", value)
 
-    def close(self) -> None:
-        close = getattr(self.model, "close", None)
-        if callable(close):
-            close()
-
 
 class RemoteModel:
     """A model adapter replicated on Ray actors; see the module docstring."""
