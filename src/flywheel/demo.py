@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flywheel.config import CONFIG_FILENAME
 from flywheel.loop import LoopResult, run_loop
+from flywheel.models.stacks import STACKS
 from flywheel.progress import ProgressFn
 from flywheel.project import open_project
 from flywheel.sample import write_sample
@@ -39,7 +40,6 @@ class DemoSummary:
 def demo_config(stack: str | None = None) -> str:
     """demo.toml, with the base of a tiny ``stack`` (its LoRA family) instead of the tiny FLUX.1."""
     from flywheel.errors import ConfigError
-    from flywheel.models.stacks import STACKS
 
     text = DEMO_CONFIG.read_text(encoding="utf-8")
     if stack is None:
@@ -67,6 +67,9 @@ def run_demo(directory: Path, *, progress: ProgressFn | None = None, on_step=Non
         result = run_loop(project, progress=progress, on_step=on_step)
         status = collect_status(project)
     notes = [f"Demo project: {directory}", *STAND_INS]
+    if stack is not None:  # the base named in STAND_INS is the stack's here
+        notes.append(f"Stack {stack}: its tiny base trains the LoRAs instead of the tiny FLUX.1 "
+                     f"({STACKS[stack].summary}).")
     if result.report:
         notes.append(f"Evaluation: round 2 vs round 1: {result.verdict.replace('_', ' ')}. Report: {result.report}")
     notes += [f"Look at it: `flywheel -C {directory} status`, then `flywheel -C {directory} review` (browser)"]
