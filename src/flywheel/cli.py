@@ -367,20 +367,25 @@ def review(ctx: click.Context, host: str, port: int, token: str | None, reviewer
 @click.option("--dataset", "dataset_version", type=int, default=None,
               help="Train on this frozen dataset version (default: freeze a new one for the next round).")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Override [train] steps.")
+@click.option("--gpus", type=click.IntRange(0), default=None,
+              help="Override [train] gpus: N processes, one per GPU, data parallel (0: this process).")
+@click.option("--device", default=None,
+              help="Override [models] base device; 'cpu' with --gpus runs CPU processes (tests).")
 @click.option("--force", is_flag=True,
               help="Train even when the set has uncaptioned, unjudged or unreviewed images, or no edits yet.")
 @click.pass_context
 def train(ctx: click.Context, resume: bool, restart: bool, run_id: int | None, dataset_version: int | None,
-          steps: int | None, force: bool) -> None:
+          steps: int | None, gpus: int | None, device: str | None, force: bool) -> None:
     """Train a FLUX.1 LoRA on accepted images + captions (sources always in); resumable."""
     from flywheel.train import train as run_train
 
     if resume and restart:
         raise click.UsageError("--resume continues a run and --restart starts a new one: pick one")
     with _open(ctx) as project, rich_progress("train") as progress:
-        cfg = project.config.train if steps is None else project.config.train.model_copy(update={"steps": steps})
+        update = {k: v for k, v in {"steps": steps, "gpus": gpus}.items() if v is not None}
+        cfg = project.config.train.model_copy(update=update) if update else project.config.train
         result = run_train(project, cfg, dataset_version=dataset_version, resume=(run_id or True) if resume else False,
-                           restart=restart, progress=progress, force=force)
+                           restart=restart, device=device, progress=progress, force=force)
     click.echo(f"run {result.run_id} (dataset v{result.dataset_version}): final loss {result.losses[-1]:.4f}")
     click.echo(f"  LoRA (diffusers): {result.lora_path}\n  LoRA (kohya/ComfyUI): {result.kohya_path}")
 

@@ -50,7 +50,11 @@ class TrainConfig(Section):
     alpha: float = Field(16.0, gt=0)
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     steps: int = Field(1000, ge=1)
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1, description="Images per batch (per GPU with gpus >= 1).")
+    gpus: int = Field(0, ge=0, description="0 = train in this process; N = N processes, one per GPU, through "
+                      "torch.distributed (data parallel, docs/scaling.md).")
+    gradient_accumulation: int = Field(1, ge=1, description="Batches per optimizer step: the effective batch "
+                                       "is max(1, gpus) x batch_size x gradient_accumulation.")
     repeats: int = Field(1, ge=1, description="Times each image appears per epoch.")
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"

@@ -28,6 +28,7 @@ from flywheel.models.pool import free_accelerator_memory
 from flywheel.progress import ProgressFn, no_progress
 from flywheel.training import buckets as bk
 from flywheel.training import caching, checkpoint, lora_io, quantize, samples, setup
+from flywheel.training import distributed as dp
 from flywheel.training import losses as losses_io
 from flywheel.training.families import family_for_folder
 from flywheel.training.flux_step import Batch, checkpoint_blocks
@@ -76,11 +77,13 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
         run_id, base = run["id"], run["base_model"]
         family = family_for_folder(base)
         check_runnable(cfg, base_load(project, cfg, device), family)
+        placed = dp.place(project, cfg, device)
     else:
         cfg = cfg or project.config.train
         base = planned.base or base_of(cfg)
         family = family_for_folder(base)
         check_runnable(cfg, base_load(project, cfg, device), family)  # before the run is recorded and the loading
+        placed = dp.place(project, cfg, device)  # --gpus N: N GPUs visible (or the CPU asked for by name)?
         if not (force or planned.same_set):  # before a version is frozen: a refusal writes nothing
             ensure_trainable(project, _next_round(cat), planned.dataset_version)
         version = planned.dataset_version
@@ -101,8 +104,10 @@ def train(project, cfg: TrainConfig | None = None, *, dataset_version: int | Non
     try:
         with cat.operation("train", kind="model_call", model=base, seed=cfg.seed,
                            params={"lora_run_id": run_id, "resume": resuming, "dataset_version": ds.version}):
-            losses = _run(project, family, cfg, ds, base, run_id, run_dir, trigger, device, progress,
-                          resume=resuming)
+            kw = {"family": family, "cfg": cfg, "ds": ds, "base": base, "run_id": run_id, "run_dir": run_dir,
+                  "trigger": trigger, "resume": resuming}
+            losses = (dp.launch(project, placed, progress, **kw) if cfg.gpus  # N worker processes train
+                      else _run(project, device=device, progress=progress, **kw))
     except BaseException:
         with cat.transaction():
             cat.execute("UPDATE lora_runs SET status = 'failed' WHERE id = ?", (run_id,))
@@ -132,12 +137,13 @@ def base_model_folder(cfg: TrainConfig, models_base: str) -> str:
 
 
 def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir: Path, trigger: str, device,
-         progress, *, resume: bool) -> list[float]:
+         progress, *, resume: bool, ranks: dp.Ranks | None = None) -> list[float]:
     import torch
     from peft import LoraConfig
 
     from flywheel.models.pool import recorded_load
 
+    ranks = ranks or dp.Ranks()  # this process alone, or one rank of --gpus N (training/distributed.py)
     # 2. Load the base pipeline through the shared loader ([models] base role: device, dtype; the memory
     #    check counts the transformer at the precision it trains in). It stays on the CPU: the trainer moves
     #    one part at a time to the GPU. Everything but the LoRA stays frozen.
@@ -145,7 +151,8 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
     device = load.device
     if device.startswith("cuda"):  # cuDNN attention's backward hit illegal memory accesses (torch 2.11, H100)
         torch.backends.cuda.enable_cudnn_sdp(False)
-    with recorded_load(project.catalog, "train", base, {"role": "base", **vars(load)}) as record:
+    with recorded_load(project.catalog if ranks.main else None, "train", base,  # ranks > 0: no row
+                       {"role": "base", **vars(load)}) as record:
         pipe, source, dtype = family.load(base, load)
         record(str(source), {"quantization": load.quantize, "dtype": str(dtype), "device": device,
                              "family": family.name})
@@ -160,16 +167,17 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
                                 bk.make_buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect))
     bucket_of = {i: b for b, ids in groups.items() for i in ids}
     cache_dir = project.workspace / "cache"
-    pipe.vae.to(device)
-    latents = caching.cache_latents(family, pipe.vae,
-                                    [(by_id[i].sha256, by_id[i].path, bucket_of[i]) for i in by_id],
-                                    cache_dir, model_key=model_key, device=device)
-    for m in encoders:
-        m.to(device)
     captions = {i: (by_id[i].caption or trigger) for i in by_id}
     sample_prompts = [p.replace("{trigger}", trigger) for p in cfg.sample_prompts]
-    text = caching.cache_text(family, pipe, [*captions.values(), "", *sample_prompts], cache_dir,
-                              model_key=model_key, max_sequence_length=cfg.max_sequence_length)
+    with ranks.main_first():  # rank 0 encodes; the other ranks then read its cache files
+        pipe.vae.to(device)
+        latents = caching.cache_latents(family, pipe.vae,
+                                        [(by_id[i].sha256, by_id[i].path, bucket_of[i]) for i in by_id],
+                                        cache_dir, model_key=model_key, device=device)
+        for m in encoders:
+            m.to(device)
+        text = caching.cache_text(family, pipe, [*captions.values(), "", *sample_prompts], cache_dir,
+                                  model_key=model_key, max_sequence_length=cfg.max_sequence_length)
     caching.release(pipe.vae, *encoders)
 
     # 4. LoRA on the frozen base (quantized block by block on its way to the GPU: int8 / nf4 before the
@@ -207,6 +215,7 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
                                            generator=generator)
         step, data, losses = state["step"], state["data"], state["losses"]
         log.info("resuming run %d at step %d from %s", run_id, step, last[-1].name)
+    ranks.start(named, cfg)
 
     # 5. The loop: one bucket batch per step.
     def batch_for(ids: list[int]) -> Batch:
@@ -216,15 +225,19 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
 
     first_step, t_steps = step, 0.0
     while step < cfg.steps:
-        if data["position"] >= len(data["order"]):
-            data = _new_epoch(groups, cfg, data["epoch"] + 1)
-        ids = data["order"][data["position"]]
-        data["position"] += 1
+        micro = []  # the global batches of one optimizer step (gradient_accumulation of them)
+        for _ in range(cfg.gradient_accumulation):
+            if data["position"] >= len(data["order"]):
+                data = _new_epoch(groups, cfg, data["epoch"] + 1)
+            micro.append(data["order"][data["position"]])
+            data["position"] += 1
         lr = scheduler.get_last_lr()[0]
         t0 = time.perf_counter()
-        loss = train_step(family, transformer, optimizer, batch_for(ids), generator, params=list(named.values()),
-                          guidance=cfg.guidance, sampling=cfg.timestep_sampling, max_grad_norm=cfg.max_grad_norm,
-                          lr_scheduler=scheduler)
+        opts = {"params": list(named.values()), "guidance": cfg.guidance, "sampling": cfg.timestep_sampling,
+                "max_grad_norm": cfg.max_grad_norm, "lr_scheduler": scheduler}
+        loss = (ranks.step(family, transformer, optimizer, micro, batch_for, generator, **opts)  # ranks, accumulation
+                if ranks.group or len(micro) > 1 else
+                train_step(family, transformer, optimizer, batch_for(micro[0]), generator, **opts))
         step += 1
         losses.append({"step": step, "loss": float(loss), "lr": lr, "epoch": data["epoch"]})  # float(): waits for the GPU
         t_steps += time.perf_counter() - t0
@@ -233,18 +246,20 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
                              f"(learning_rate {cfg.learning_rate:g})",
                              hint="lower learning_rate (or max_grad_norm) in [train] of flywheel.toml, then "
                              "`flywheel train --resume` or `flywheel run`: changed settings start a new run")
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        if ranks.main and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             ck = checkpoint.save_checkpoint(run_dir, step, lora={n: p for n, p in named.items()}, optimizer=optimizer,
                                             lr_scheduler=scheduler, generator=generator, data=data, losses=losses,
                                             keep=cfg.keep_checkpoints)
             samples.record(project, "checkpoint", ck, run_id, step, hash_file=False)
-        if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+        if ranks.main and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
             samples.render(project, family, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step,
                            device)
         progress(step, cfg.steps, f"loss {losses[-1]['loss']:.4f}")
 
     # 6. Outputs: LoRA (diffusers keys, and the family's kohya / ComfyUI keys), resolved config (with the model
     #    that renders the LoRA in generate), loss curve, final samples.
+    if not ranks.main:  # rank 0 writes the outputs
+        return [r["loss"] for r in losses]
     transformer.eval()
     samples.render(project, family, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step, device)
     state = lora_io.lora_state_dict(transformer, alpha=cfg.alpha, rank=cfg.rank)
@@ -254,7 +269,7 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
     resolved = {"train": cfg.model_dump(), "base_model_path": str(source), "dataset_version": ds.version,
                 "family": family.name, "generate_model": _generate_model(project, cfg, family, base),
                 "trigger": trigger, "lora_run_id": run_id, "device": device, "dtype": str(dtype),
-                "quantize_base": load.quantize,
+                "quantize_base": load.quantize, "batch": dp.describe(cfg),
                 # This process's steps (a resumed run counts only its own): wall time per step, samples excluded.
                 "timing": {"steps": step - first_step, "seconds": round(t_steps, 3),
                            "seconds_per_step": round(t_steps / max(1, step - first_step), 4)}}
@@ -283,7 +298,8 @@ def _new_epoch(groups: dict, cfg: TrainConfig, epoch: int) -> dict:
     for _, ids in sorted(groups.items(), key=lambda kv: (kv[0].width, kv[0].height)):
         items = sorted(ids) * cfg.repeats
         rng.shuffle(items)
-        batches += [items[i:i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
+        size = dp.micro_batch(cfg)  # gpus x batch_size: every rank walks the same global batches
+        batches += [items[i:i + size] for i in range(0, len(items), size)]
     rng.shuffle(batches)
     return {"epoch": epoch, "order": batches, "position": 0}
 

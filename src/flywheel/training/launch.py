@@ -229,6 +229,8 @@ def _worker(rank: int, spec: Spec, conns: list) -> None:
     from flywheel.training.distributed import Ranks
 
     conn = conns[rank]
+    for other in conns[:rank] + conns[rank + 1:]:  # spawn hands every rank all the pipes: keep only its own
+        other.close()
     _forward_logs(conn, rank)
     device = "cpu"
     if spec.backend == "nccl":
