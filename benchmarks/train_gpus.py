@@ -11,10 +11,11 @@ compile, allocator warm-up); the median is reported. Loading and caching are not
   GPU (goal <= 5 %);
 - ``scaling``: images/s of each row vs ``--gpus 1`` (N GPUs, ``batch_size`` per GPU: goal >= 1.8x at N = 2).
 
-    python benchmarks/train_gpus.py --work /tmp/tg --build-only   # FLUX.1-dev, random weights (once per machine)
-    python benchmarks/train_gpus.py --work /tmp/tg --gpus 0 1     # one GPU: the distributed path's overhead
-    python benchmarks/train_gpus.py --work /tmp/tg --gpus 1 2     # nvidia-h200-x2: 2 GPUs vs 1
-    python benchmarks/train_gpus.py --tiny --device cpu --gpus 0 1 2 --res 64 --steps 4 --warmup 1   # CPU dry run
+    PYTHONPATH=src python benchmarks/train_gpus.py --build-only   # FLUX.1-dev, random weights (once per machine)
+    PYTHONPATH=src python benchmarks/train_gpus.py --gpus 0 1     # one GPU: the distributed path's overhead
+    PYTHONPATH=src python benchmarks/train_gpus.py --gpus 1 2     # nvidia-h200-x2: 2 GPUs vs 1
+    python benchmarks/train_gpus.py --tiny --device cpu --gpus 0 1 2 --res 64 --steps 5 --warmup 1 \
+        --train compile=false --work /tmp/train-gpus-tiny                                  # CPU dry run
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import json
 import logging
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -111,12 +111,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4, help="steps left out of the median")
     ap.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                     help="another [train] setting, e.g. compile=false (JSON values)")
-    ap.add_argument("--work", type=Path, default=None, help="folder for the model and projects (default: a temp "
-                    "dir); a second run with the same folder reuses the built model")
+    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / ".bench" / "train_gpus",
+                    help="folder for the model and projects (default: .bench/train_gpus, git-ignored); a second run "
+                    "reuses the model built there")
     ap.add_argument("--build-only", action="store_true", help="build the random-weight model in --work and stop")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    work = args.work or Path(tempfile.mkdtemp(prefix="train-gpus-"))
+    work = args.work.resolve()
     cache = work / "hf"
     if not fullsize.has_repo(cache, fullsize.FLUX_DEV):
         fullsize.build_flux_dev(cache, tiny=args.tiny, device="cuda" if args.device != "cpu" else "cpu")
