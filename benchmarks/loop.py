@@ -204,8 +204,12 @@ def klein_phase(root: Path, cache: Path, args, env, log_file) -> tuple[dict, dic
     edit: dict = {"build_s": 0.0}
     if not fullsize.has_repo(cache, fullsize.KLEIN_4B):
         edit["build_s"] += fullsize.build_flux2_klein(cache, tiny=args.tiny, device=args.build_device)
-    if not fullsize.has_repo(cache, fullsize.QWEN2_VL_2B):
-        edit["build_s"] += fullsize.build_qwen2_vl(cache, tiny=args.tiny, device=args.build_device)
+    from flywheel.models.stacks import STACKS
+
+    vlm = {"qwen2-vl-2b": (fullsize.QWEN2_VL_2B, fullsize.build_qwen2_vl),
+           "qwen3-vl-8b": (fullsize.QWEN3_VL_8B, fullsize.build_qwen3_vl_8b)}[STACKS[args.klein_stack].captioner]
+    if not fullsize.has_repo(cache, vlm[0]):
+        edit["build_s"] += vlm[1](cache, tiny=args.tiny, device=args.build_device)
     if args.cap_gib and not args.tiny:
         env = {**env, "FLYWHEEL_BENCH_GPU_FRACTION": str(args.cap_gib * 1024**3 / _gpu_total())}
     project = make_project(root, "klein", args, env, log_file)
