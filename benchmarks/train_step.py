@@ -7,10 +7,11 @@ reference measured in the same run.
 
 - reference: the recipe of diffusers' examples/dreambooth/train_dreambooth_lora_flux.py: bf16 base and
   bf16 LoRA under bf16 autocast, gradient checkpointing on every block, uniform t, AdamW, grad clipping.
-- flywheel: ``flywheel.training.flux_step.train_step`` (the function ``flywheel train`` runs) on a bf16
-  or fp8 frozen base (``flywheel.training.fp8``: fp8 matmuls, or ``--fp8-storage-only``), fp32 or bf16
-  LoRA, with block checkpointing on every N-th block (``--ckpt-every``, 0 = none) and optionally
-  ``torch.compile`` per block. ``--micro`` first times single FLUX-sized layers, bf16 against fp8.
+- flywheel: ``flywheel.training.flux_step.train_step`` (the step ``flywheel train`` runs), fp32 LoRA, set
+  up as ``flywheel train`` does: the stored base, then ``flywheel.training.speed.apply`` with a [train]
+  config. ``--variants`` names them: ``default`` is TrainConfig's defaults (what ``flywheel train`` runs
+  on this device); overrides join with '+': bf16 | fp8 (fp8-stored, bf16 matmuls) | fp8mm (fp8 matmuls),
+  ckptN (every N-th block, 0 = none), compile | eager, budgetX, attn=flash|cudnn|efficient, nofused.
 ``--lowvram`` instead times ``flywheel train``'s low-VRAM options against its bf16 base in one run: the
 frozen base as bf16, fp8 (flywheel.training.fp8, what quantize_base = "fp8" does), torchao float8
 weight-only (for comparison), torchao int8 and bitsandbytes NF4 (``flywheel.training.quantize``, the code
@@ -18,10 +19,10 @@ weight-only (for comparison), torchao int8 and bitsandbytes NF4 (``flywheel.trai
 It first prints each option's error against bf16 on one FLUX-sized layer.
 Results and what they mean: docs/training.md.
 
-    python benchmarks/train_step.py                 # GPU, full size
+    python benchmarks/train_step.py                 # GPU, full size: reference and default, 1024² and 512²
+    python benchmarks/train_step.py --variants default bf16+ckpt1+eager fp8mm+ckpt0+compile --res 1024
     python benchmarks/train_step.py --lowvram --res 1024 --warmup 2 --steps 5
     python benchmarks/train_step.py --tiny --device cpu --steps 2   # dry run of the code paths
-    python benchmarks/train_step.py --tiny --device cpu --steps 2 --lowvram
 """
 
 from __future__ import annotations
@@ -168,11 +169,95 @@ def free():
         torch.cuda.empty_cache()
 
 
-def main() -> None:
+def variant_config(spec: str):
+    """A [train] config from a variant spec: 'default' (TrainConfig's defaults, what `flywheel train` runs)
+    plus '+'-joined overrides: bf16 | fp8 (fp8-stored base, bf16 matmuls) | fp8mm (fp8 matmuls); ckptN
+    (checkpoint every N-th block, 0 = none); compile | eager; budgetX (activation_memory_budget); attn=NAME;
+    nofused. Returns (TrainConfig, base quantization as stored before speed.apply)."""
+    from flywheel.config import TrainConfig
+
+    over: dict = {}
+    base = "none"
+    for tok in [t for t in spec.split("+") if t and t != "default"]:
+        if tok in ("bf16", "fp8", "fp8mm"):
+            base = "fp8" if tok == "fp8" else "none"
+            over["fp8_matmul"] = "on" if tok == "fp8mm" else "off"
+        elif tok.startswith("ckpt"):
+            n = int(tok[4:])
+            over.update(gradient_checkpointing=n > 0, checkpoint_every_n_blocks=max(n, 1))
+        elif tok in ("compile", "eager"):
+            over["compile"] = tok == "compile"
+        elif tok.startswith("budget"):
+            over["activation_memory_budget"] = float(tok[6:])
+        elif tok.startswith("attn="):
+            over["attention_backend"] = tok[5:]
+        elif tok == "nofused":
+            over["fused_optimizer"] = False
+        else:
+            raise SystemExit(f"unknown variant token {tok!r} in {spec!r}")
+    return TrainConfig(**over), base
+
+
+def run_variant(spec: str, cfg_dims: dict, dev: str, res_list, args, report) -> None:
+    """One Flywheel variant as `flywheel train` sets it up: LoRA (fp32), the stored base, speed.apply, AdamW."""
     import torch
 
-    from flywheel.training.flux_step import checkpoint_blocks, train_step
-    from flywheel.training.fp8 import convert_to_fp8
+    from flywheel.training import quantize, speed
+    from flywheel.training.flux_step import train_step
+
+    cfg, base = variant_config(spec)
+    torch._dynamo.reset()
+    tr, params = build(cfg_dims, dev, torch.float32)
+    if base == "fp8":
+        quantize.quantize_base(tr, "fp8", dev)
+    t0 = time.perf_counter()
+    done = speed.apply(tr, cfg, dev, base_quantize=base)
+    free()
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=cfg.weight_decay, **speed.adamw_options(cfg, params))
+    gen = torch.Generator().manual_seed(0)
+    what = (f"fp8mm={done.fp8_matmul} attn={done.attention_backend} ckpt={done.checkpointed_blocks} "
+            f"compiled={done.compiled_blocks}")
+    for res in res_list:
+        batch = inputs(cfg_dims, res, dev)
+        step = partial(train_step, tr, opt, batch, gen, params=params)
+        try:
+            t1 = time.perf_counter()
+            step()  # the first step compiles (per shape); reported apart
+            float(step())
+            first = time.perf_counter() - t1
+            dt, peak = measure(step, dev, args.steps, args.warmup)
+        except torch.OutOfMemoryError:
+            print(f"flywheel {spec:30s} {res:5d}²  out of memory", flush=True)
+            free()
+            continue
+        report(f"flywheel {spec}", res, dt, peak, f"  [{what}; first 2 steps {first:.1f} s]")
+    del tr, params, opt
+    free()
+    print(f"    (setup {time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def probe_torchao(dev: str) -> None:
+    """Can torchao's fp8 inference path (fp8 weights stored) give an input gradient? (speed.py's docstring)"""
+    import torch
+
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            quantize_,
+        )
+
+        m = torch.nn.Sequential(torch.nn.Linear(256, 256, device=dev, dtype=torch.bfloat16)).requires_grad_(False)
+        quantize_(m, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        x = torch.randn(64, 256, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        m(x).float().sum().backward()
+        print(f"torchao Float8DynamicActivationFloat8WeightConfig: backward ran, grad norm {float(x.grad.norm()):.3f}")
+    except Exception as err:  # noqa: BLE001 - the probe reports what torchao does, whatever it raises
+        print(f"torchao Float8DynamicActivationFloat8WeightConfig backward: {type(err).__name__}: {str(err)[:200]}")
+
+
+def main() -> None:
+    import torch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny config (dry run)")
@@ -180,91 +265,55 @@ def main() -> None:
     ap.add_argument("--res", type=int, nargs="+", default=[1024, 512])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--ckpt-every", type=int, nargs="+", default=[1, 2, 3], help="flywheel variants to run")
-    ap.add_argument("--compile", action="store_true", help="also run the fp8 variants with torch.compile per block")
-    ap.add_argument("--skip-reference-nockpt", action="store_true")
-    ap.add_argument("--only-compiled", action="store_true", help="skip the reference and the eager variants")
-    ap.add_argument("--base", nargs="+", default=["fp8"], choices=["fp8", "bf16"], help="frozen base precision(s)")
-    ap.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--variants", nargs="+", default=["default"],
+                    help="Flywheel variants (see variant_config), e.g. default fp8mm+ckpt2+compile bf16+ckpt1+eager")
+    ap.add_argument("--no-reference", action="store_true", help="skip the diffusers + peft reference")
+    ap.add_argument("--reference-nockpt", action="store_true", help="also the reference without checkpointing")
     ap.add_argument("--micro", action="store_true", help="first time single fp8 vs bf16 layers")
-    ap.add_argument("--fp8-rowwise", action="store_true", help="per-row fp8 scales (default: per tensor)")
-    ap.add_argument("--fp8-bf16-backward", action="store_true", help="input gradient in bf16 (default: fp8)")
-    ap.add_argument("--fp8-storage-only", action="store_true", help="fp8 weights, bf16 matmuls")
+    ap.add_argument("--probe-torchao", action="store_true", help="first try torchao's fp8 weights with a backward")
     ap.add_argument("--profile", action="store_true", help="also print each variant's GPU kernel time per step")
     ap.add_argument("--lowvram", action="store_true", help="only the quantize_base / adamw8bit table")
+    ap.add_argument("--family", choices=["flux1", "klein"], default="flux1",
+                    help="klein: a FLUX.2 klein-base-4B LoRA step and its diffusers reference (klein_step.py)")
     args = ap.parse_args()
     global PROFILE
     PROFILE = args.profile
     cfg, dev = (TINY if args.tiny else FULL), args.device
     if dev.startswith("cuda"):
-        torch.backends.cuda.enable_cudnn_sdp(False)  # see docs/training.md: cuDNN attention backward crashed
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as flywheel train: cuDNN attention backward crashed
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    res_list = [r if not args.tiny else 64 for r in args.res]
+    res_list = [r if not args.tiny else max(32, r // 16) for r in args.res]
+    if args.family == "klein":  # benchmarks/klein_step.py: same options, the klein family's step
+        import klein_step
+
+        klein_step.run(args, res_list, measure=measure, variant_config=variant_config, free=free)
+        return
     if args.lowvram:
         lowvram(cfg, dev, res_list[0], args.steps, args.warmup)
         return
-    # 0. fp8 layer sanity: forward and input-gradient error against bf16 on a FLUX-sized layer.
-    lin = torch.nn.Linear(3072, 3072, device=dev, dtype=torch.bfloat16).requires_grad_(False)
-    x = torch.randn(4096, 3072, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    ref_out = lin(x)
-    ref_out.float().pow(2).sum().backward()
-    gx, x.grad = x.grad, None
-    rel = lambda a, b: float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())  # noqa: E731
-    for rowwise in (False, True):
-        fp8 = __import__("flywheel.training.fp8", fromlist=["x"]).fp8_frozen_linear_cls()(lin, rowwise=rowwise)
-        out = fp8(x)
-        out.float().pow(2).sum().backward()
-        print(f"fp8 layer ({'per-row' if rowwise else 'per-tensor'} scales) vs bf16: forward rel. error "
-              f"{rel(out, ref_out):.4f}, input grad {rel(x.grad, gx):.4f}", flush=True)
-        x.grad = None
-    del lin, fp8, x, gx, out, ref_out
+    if args.probe_torchao:
+        probe_torchao(dev)
     if args.micro and dev.startswith("cuda"):
         micro(dev)
     results: dict[tuple[str, int], tuple[float, float]] = {}
 
-    def report(name: str, res: int, dt: float, peak: float) -> None:
+    def report(name: str, res: int, dt: float, peak: float, note: str = "") -> None:
         results[(name, res)] = (dt, peak)
         ref = results.get(("reference (ckpt)", res))
         ratio = f"  {ref[0] / dt:4.2f}x faster than reference" if ref and name != "reference (ckpt)" else ""
-        print(f"{name:34s} {res:5d}²  {dt:7.3f} s/step  peak {peak:6.1f} GiB{ratio}", flush=True)
+        print(f"{name:40s} {res:5d}²  {dt:7.3f} s/step  peak {peak:6.1f} GiB{ratio}{note}", flush=True)
 
     # 1. Reference: diffusers + peft, bf16, checkpointing (and without, at the first resolution).
-    if not args.only_compiled:
+    if not args.no_reference:
         run_reference(args, cfg, dev, res_list, report)
-
-    # 2. Flywheel: fp8 frozen base, fp32 LoRA, checkpointing on every N-th block, optional compile.
-    variants = ([] if args.only_compiled else [(n, False) for n in args.ckpt_every]) + (
-        [(n, True) for n in args.ckpt_every] if args.compile else [])
-    for base, (every, compiled) in [(b, v) for b in args.base for v in variants]:
-        tr, params = build(cfg, dev, getattr(torch, args.lora_dtype))
-        if base == "fp8":
-            convert_to_fp8(tr, rowwise=args.fp8_rowwise, fp8_backward=not args.fp8_bf16_backward,
-                           fp8_compute=not args.fp8_storage_only)
-        free()
-        checkpoint_blocks(tr, every)
-        if compiled:
-            for block in (*tr.transformer_blocks, *tr.single_transformer_blocks):
-                block.compile()
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.startswith("cuda"))
-        gen = torch.Generator().manual_seed(0)
-        lora = "" if args.lora_dtype == "float32" else " bf16-LoRA"
-        recipe = ("-row" if args.fp8_rowwise else "") + ("-bf16bwd" if args.fp8_bf16_backward else "") + (
-            "-storage" if args.fp8_storage_only else "")
-        name = f"flywheel {base}{recipe if base == 'fp8' else ''}{lora} ckpt 1/{every}{' compile' if compiled else ''}"
-        for res in res_list:
-            batch = inputs(cfg, res, dev)
-            try:
-                dt, peak = measure(partial(train_step, tr, opt, batch, gen, params=params), dev, args.steps,
-                                   args.warmup + (2 if compiled else 0))
-            except torch.OutOfMemoryError:
-                print(f"{name:34s} {res:5d}²  out of memory", flush=True)
-                free()
-                continue
-            report(name, res, dt, peak)
-        del tr, params, opt
-        free()
-
+    # 2. Flywheel variants, each set up as flywheel train does it (speed.apply).
+    for spec in args.variants:
+        try:
+            run_variant(spec, cfg, dev, res_list, args, report)
+        except Exception as err:  # noqa: BLE001 - one failing variant must not cost the others' numbers
+            print(f"flywheel {spec:30s} FAILED: {type(err).__name__}: {str(err)[:600]}", flush=True)
+            free()
 
 
 LOWVRAM = [("bf16", "none", "adamw"), ("fp8 (flywheel)", "fp8", "adamw"), ("fp8 (torchao)", "fp8-torchao", "adamw"),
@@ -352,7 +401,7 @@ def run_reference(args, cfg, dev, res_list, report) -> None:
         batch = inputs(cfg, res, dev)
         report("reference (ckpt)", res, *measure(partial(reference_step, tr, opt, batch, params), dev,
                                                  args.steps, args.warmup))
-    if not args.skip_reference_nockpt:
+    if args.reference_nockpt:
         tr.disable_gradient_checkpointing()
         batch = inputs(cfg, res_list[0], dev)
         report("reference (no ckpt)", res_list[0], *measure(partial(reference_step, tr, opt, batch, params), dev,

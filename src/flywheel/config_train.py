@@ -66,10 +66,18 @@ class TrainConfig(Section):
     guidance: float = Field(1.0, ge=0)
     timestep_sampling: Literal["shifted_sigmoid", "sigmoid", "uniform"] = "shifted_sigmoid"
     gradient_checkpointing: bool = True
-    checkpoint_every_n_blocks: int = Field(1, ge=1, description="With checkpointing: 1 = every block, 2 = half...")
+    checkpoint_every_n_blocks: int = Field(
+        0, ge=0, description="With checkpointing: 1 = every block, 2 = half...; 0 = auto (2 with fp8_matmul, else 1).")
     quantize_base: Literal["auto", "none", "fp8", "int8", "nf4"] = Field(
         "auto", description="Frozen base precision while training; 'auto' follows [models] quantization of the base.")
-    compile: bool = False
+    compile: bool = Field(True, description="torch.compile per transformer block (CUDA only; skipped elsewhere).")
+    activation_memory_budget: float = Field(
+        1.0, gt=0, le=1, description="With compile: < 1 recomputes the cheapest activations to save memory.")
+    fp8_matmul: Literal["auto", "on", "off"] = Field(
+        "auto", description="fp8 weights + fp8 matmuls on the frozen base; 'auto' = on with CUDA compute 8.9+.")
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "native"] = Field(
+        "auto", description="PyTorch SDPA kernel; 'auto' = flash on CUDA, PyTorch's choice elsewhere.")
+    fused_optimizer: bool = Field(True, description="AdamW's fused CUDA kernel (skipped off CUDA).")
     max_sequence_length: int = Field(512, ge=16, le=512)
     checkpoint_every: int = Field(250, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -31,8 +31,9 @@ from flywheel.training import caching, checkpoint, lora_io, quantize, samples, s
 from flywheel.training import distributed as dp
 from flywheel.training import losses as losses_io
 from flywheel.training.families import family_for_folder
-from flywheel.training.flux_step import Batch, checkpoint_blocks
+from flywheel.training.flux_step import Batch
 from flywheel.training.setup import base_load, check_runnable
+from flywheel.training.speed import apply as apply_speed_options
 from flywheel.training.step import train_step
 
 log = logging.getLogger(__name__)
@@ -193,17 +194,12 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
                                            target_modules=cfg.target_modules))
     if load.quantize == "fp8":
         quantize.quantize_base(transformer, "fp8", device)
+    # fp8 matmuls, attention kernel, checkpointing, per-block compile ([train], training/speed.py)
+    apply_speed_options(transformer, cfg, device, base_quantize=load.quantize)
     transformer.to(device)
     named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
     for p in named.values():
         p.data = p.data.float()  # LoRA weights and optimizer state in fp32, the frozen base in bf16
-    if cfg.gradient_checkpointing and cfg.checkpoint_every_n_blocks == 1:
-        transformer.enable_gradient_checkpointing()
-    elif cfg.gradient_checkpointing:
-        checkpoint_blocks(transformer, cfg.checkpoint_every_n_blocks)
-    if cfg.compile:
-        for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
-            block.compile()
     transformer.train()
     optimizer = setup.optimizer(cfg, list(named.values()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))

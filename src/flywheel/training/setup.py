@@ -50,8 +50,11 @@ def check_runnable(cfg: TrainConfig, load: BaseLoad, family=None) -> None:
 def optimizer(cfg: TrainConfig, params: list):
     import torch
 
+    from flywheel.training.speed import adamw_options
+
     if cfg.optimizer == "adamw8bit":  # bitsandbytes' presence was checked by check_runnable
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # adamw_options: the fused CUDA kernel ([train] fused_optimizer)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **adamw_options(cfg, params))

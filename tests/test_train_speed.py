@@ -1,0 +1,155 @@
+"""[train] speed options (flywheel.training.speed) on the CPU: every combination that runs here trains,
+the CUDA-only ones are skipped with a log line, resume stays bit-exact, and the fp8 matmul arithmetic
+(run through the fp8 kernels' CPU implementation) stays close to bf16."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from flywheel.config import TrainConfig
+from flywheel.training import checkpoint, speed
+from flywheel.training.flux_step import Batch, flow_matching_loss, train_step
+
+TINY = {"attention_head_dim": 16, "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 32,
+        "num_attention_heads": 2, "num_layers": 2, "num_single_layers": 2, "patch_size": 1,
+        "pooled_projection_dim": 32, "axes_dims_rope": (4, 6, 6)}
+
+
+def _model(dtype=torch.float32):
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(**TINY).to(dtype)
+    tr.requires_grad_(False)
+    tr.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    named = {n: p for n, p in tr.named_parameters() if p.requires_grad}
+    for p in named.values():
+        p.data = p.data.float()
+    return tr.train(), named
+
+
+def _batch(dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return Batch(torch.randn(1, 16, 8, 8, generator=g).to(dtype), torch.randn(1, 8, 32, generator=g).to(dtype),
+                 torch.randn(1, 32, generator=g).to(dtype))
+
+
+def _fixed_loss(tr, batch) -> float:
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(batch.latents.shape, generator=g).to(batch.latents.dtype)
+    with torch.no_grad():
+        return float(flow_matching_loss(tr, batch, noise, torch.tensor([0.3, 0.7])[:1]))
+
+
+# Every value of every option at least once (fp8_matmul x compile x checkpointing x attention kernel).
+COMBOS = [("auto", True, 1, "auto"), ("on", True, 2, "math"), ("off", False, 0, "math"), ("on", False, 1, "auto"),
+          ("auto", False, 2, "auto")]
+
+
+@pytest.mark.parametrize(("fp8", "compile_", "ckpt", "attn"), COMBOS)
+def test_speed_options_train_on_cpu(fp8, compile_, ckpt, attn, caplog):
+    cfg = TrainConfig(fp8_matmul=fp8, compile=compile_, gradient_checkpointing=ckpt > 0,
+                      checkpoint_every_n_blocks=max(ckpt, 1), attention_backend=attn, learning_rate=3e-2)
+    tr, named = _model()
+    with caplog.at_level(logging.INFO, logger="flywheel.training.speed"):
+        done = speed.apply(tr, cfg, "cpu", base_quantize="none")
+        opt = torch.optim.AdamW(named.values(), lr=cfg.learning_rate, **speed.adamw_options(cfg, list(named.values())))
+    # CUDA-only options: skipped with one line each, never applied, never an error.
+    assert not done.fp8_matmul and done.compiled_blocks == 0
+    assert ("compile" in done.skipped) == compile_ and ("fp8_matmul" in done.skipped) == (fp8 == "on")
+    assert any("fused_optimizer skipped" in r.message for r in caplog.records)
+    if compile_:
+        assert any("[train] compile skipped: torch.compile of the blocks runs on CUDA only" in r.message
+                   for r in caplog.records)
+    assert done.checkpointed_blocks == {0: 0, 1: 4, 2: 2}[ckpt]
+    assert done.attention_backend == ("math" if attn == "math" else "native")
+    batch = _batch()
+    before = _fixed_loss(tr, batch)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        train_step(tr, opt, batch, gen, params=list(named.values()))
+    assert _fixed_loss(tr, batch) < 0.98 * before  # the LoRA learned the batch
+
+
+def _train(steps, *, resume_at=None, tmp_path=None):
+    """Checkpointed blocks (1 of 2) and the math attention kernel; returns the per-step losses."""
+    cfg = TrainConfig(gradient_checkpointing=True, checkpoint_every_n_blocks=2, attention_backend="math")
+    tr, named = _model()
+    speed.apply(tr, cfg, "cpu")
+    opt = torch.optim.AdamW(named.values(), lr=1e-2, **speed.adamw_options(cfg, list(named.values())))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    gen = torch.Generator().manual_seed(0)
+    losses, start = [], 0
+    if resume_at is not None and checkpoint.list_checkpoints(tmp_path):
+        state = checkpoint.load_checkpoint(checkpoint.list_checkpoints(tmp_path)[-1], params=named, optimizer=opt,
+                                           lr_scheduler=sched, generator=gen)
+        start, losses = state["step"], [r["loss"] for r in state["losses"]]
+    for step in range(start, steps):
+        losses.append(float(train_step(tr, opt, _batch(), gen, params=list(named.values()), lr_scheduler=sched)))
+        if resume_at is not None and step + 1 == resume_at and not checkpoint.list_checkpoints(tmp_path):
+            checkpoint.save_checkpoint(tmp_path, step + 1, lora=named, optimizer=opt, lr_scheduler=sched,
+                                       generator=gen, data={}, losses=[{"loss": v} for v in losses])
+            return losses
+    return losses
+
+
+def test_resume_is_bit_exact_with_speed_options(tmp_path):
+    straight = _train(6)
+    first = _train(6, resume_at=3, tmp_path=tmp_path)
+    assert len(first) == 3
+    resumed = _train(6, resume_at=3, tmp_path=tmp_path)
+    assert resumed == straight
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_fp8_matmuls_stay_close_to_bf16(rowwise):
+    from flywheel.training.fp8 import fp8_frozen_linear_cls
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 96, dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(64, 128, dtype=torch.bfloat16, requires_grad=True)
+    ref = lin(x)
+    (gref,) = torch.autograd.grad(ref.float().pow(2).sum(), x)
+    outs = {}
+    for kernels in (False, True):
+        m = fp8_frozen_linear_cls()(lin, rowwise=rowwise)
+        m.force_scaled_mm = kernels  # True: the fp8 kernels (torch._scaled_mm) on the CPU, as on a GPU
+        out = m(x)
+        (g,) = torch.autograd.grad(out.float().pow(2).sum(), x)
+        rel_out = float((out - ref).float().norm() / ref.float().norm())
+        rel_g = float((g - gref).float().norm() / gref.float().norm())
+        assert rel_out < 0.06 and rel_g < 0.08, (kernels, rel_out, rel_g)
+        outs[kernels] = out.detach()
+    assert not torch.equal(outs[False], outs[True])  # the fp8 path quantized the activations too
+
+
+def test_speed_defaults_are_the_fast_path():
+    cfg = TrainConfig()
+    assert cfg.compile and cfg.fused_optimizer and cfg.fp8_matmul == "auto" and cfg.attention_backend == "auto"
+    assert not speed.wants_fp8(cfg, "none", "cpu")
+    assert not speed.wants_fp8(cfg, "int8", "cuda")
+
+
+def test_fp8_base_layers_share_one_class_and_checkpointing_auto():
+    """One FP8FrozenLinear class for every block (torch.compile guards on the class: one class per block
+    compiled every block anew), and checkpoint_every_n_blocks = 0 checkpoints every block without fp8 matmuls."""
+    from flywheel.training import quantize
+    from flywheel.training.fp8 import fp8_frozen_linear_cls
+
+    tr, _ = _model(torch.bfloat16)
+    n = quantize.quantize_base(tr, "fp8", "cpu")
+    kinds = {type(m) for m in tr.modules() if type(m).__name__ == "FP8FrozenLinear"}
+    assert n > 8 and kinds == {fp8_frozen_linear_cls()}
+    cfg = TrainConfig()
+    assert cfg.checkpoint_every_n_blocks == 0
+    assert speed.checkpoint_every(cfg, False) == 1 and speed.checkpoint_every(cfg, True) == 2
+    assert speed.checkpoint_every(TrainConfig(checkpoint_every_n_blocks=3), True) == 3
+    assert speed.checkpoint_every(TrainConfig(gradient_checkpointing=False), True) == 0
+    assert speed.apply(tr, cfg, "cpu", base_quantize="fp8").checkpointed_blocks == 4
