@@ -127,7 +127,8 @@ def training(args, gpus: int) -> dict | None:
     """HOOK: training steps on ``gpus`` GPUs vs 1, once ``flywheel train --gpus N`` exists (issue 13 item 2,
     built separately; this file does not touch training). Runs ``flywheel train --gpus k`` for k = 1 and
     ``gpus`` on the sources (``--force``) at ``--train-steps`` steps, 1024² (64² with --tiny), and reads the
-    run's own step timing (``config.json`` "timing": steps and seconds, first steps excluded by train.py)."""
+    run's own step timing (``config.json`` "timing": every step, the first, compiling ones included) as images/s;
+    ``benchmarks/train_gpus.py`` measures the steady state (warm-up left out) with the plain path beside it."""
     cmd = [sys.executable, "-m", "flywheel"]
     if "--gpus" not in subprocess.run([*cmd, "train", "--help"], capture_output=True, text=True).stdout:
         print("training steps: NOT MEASURED: `flywheel train --gpus N` does not exist yet "
@@ -144,14 +145,17 @@ def training(args, gpus: int) -> dict | None:
         with open(base / "flywheel.toml", "a", encoding="utf-8") as f:
             f.write(f"[train]\nsteps = {args.train_steps}\nresolution = {size}\ncheckpoint_every = 100000\n"
                     f"sample_every = 0\n{tiny_base}")
-        subprocess.run([*cmd, "-C", str(base), "train", "--gpus", str(k), "--force"], check=True)
+        on_cpu = ["--device", "cpu"] if args.device == "cpu" else []  # CPU ranks (gloo) only when asked by name
+        subprocess.run([*cmd, "-C", str(base), "train", "--gpus", str(k), "--force", *on_cpu], check=True)
         from flywheel.project import open_project
 
         with open_project(base) as p:
             run = p.catalog.query("SELECT output_dir FROM lora_runs WHERE status = 'ok' ORDER BY id DESC LIMIT 1")[0]
-            timing = json.loads((p.workspace / run["output_dir"] / "config.json").read_text())["timing"]
-        out[k] = {"replicas": k, "units": timing["steps"], "stage_s": timing["seconds"],
-                  "per_s": timing["steps"] / timing["seconds"]}
+            resolved = json.loads((p.workspace / run["output_dir"] / "config.json").read_text())
+        timing, images = resolved["timing"], resolved["timing"]["steps"] * resolved["batch"]["effective_batch"]
+        # images, not steps: each of k GPUs trains batch_size images per step (benchmarks/train_gpus.py also
+        # leaves the warm-up steps out of its per-step times)
+        out[k] = {"replicas": k, "units": images, "stage_s": timing["seconds"], "per_s": images / timing["seconds"]}
     return out
 
 
@@ -195,8 +199,8 @@ def main() -> None:
                 results["training"] = {**{str(k): v for k, v in runs.items()},
                                        "speedup": runs[args.gpus]["per_s"] / runs[1]["per_s"]}
                 for r in runs.values():
-                    print(f"training  {r['replicas']} GPU(s): {r['units']} steps in {r['stage_s']:.1f} s = "
-                          f"{r['per_s']:.3f} steps/s", flush=True)
+                    print(f"training  {r['replicas']} GPU(s): {r['units']} images in {r['stage_s']:.1f} s = "
+                          f"{r['per_s']:.3f} images/s", flush=True)
                 print(f"training  speed-up on {args.gpus} vs 1: {results['training']['speedup']:.2f}x", flush=True)
             continue
         for repo, build in needs[what] if not args.tiny else []:
