@@ -4,11 +4,13 @@ Builds Qwen2-VL-2B at full size with random weights on the device (the real conf
 and memory do not depend on the values) and measures, on 1024² images with a fixed number of new tokens
 (min = max, so random weights cannot stop early):
 
-1. plain ``model.generate`` on inputs prepared beforehand (processor on the CPU, not timed), default cache;
-2. the same with ``cache_implementation="static"`` and the compiled decode step Flywheel uses;
-3. Flywheel's caption path, ``QwenVLModel.generate`` (chat template, preprocessing and decoding all timed),
-   with the compiled decode on (the CUDA default) and off;
-4. the judge's scoring, ``QwenVLModel.option_probabilities`` (one yes/no question: one forward pass).
+0. preprocessing per image, on the CPU (the path before issue 15) and on the model's device;
+1. plain ``model.generate`` (transformers' own attention) on inputs prepared beforehand, default cache;
+2. the judge's scoring, ``QwenVLModel.option_probabilities`` (one yes/no question: one forward pass);
+3. Flywheel's caption path, ``QwenVLModel.generate`` (chat template, preprocessing and decoding all timed)
+   with its GPU default: static cache, compiled decode step, grouped-query decode attention (``vlm_speed``);
+4. plain ``model.generate`` with ``cache_implementation="static"`` (compiled by transformers, its attention);
+5. Flywheel's caption path with ``vlm_compile = "off"``.
 
 Every row: images/s, peak GiB; the compilation's one-off cost is reported on its own. GPU name in the header.
 
@@ -22,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -151,10 +154,21 @@ def main() -> None:  # one measurement script, read top to bottom
             cache[b] = vlm.encode(requests(b))
         return cache[b]
 
+    @contextmanager
+    def stock_attention():
+        """transformers' own "sdpa" attention in the text decoder (Flywheel's fast path swaps in its own)."""
+        text = model.config.get_text_config()
+        flywheel_attention, text._attn_implementation = text._attn_implementation, "sdpa"
+        try:
+            yield
+        finally:
+            text._attn_implementation = flywheel_attention
+
     def plain(inputs, new_tokens: int, static: bool):
+        """``model.generate`` as transformers ships it."""
         extra = decode_kwargs(device, inputs["input_ids"].shape[1], new_tokens, backend=vlm.compile_backend) \
             if static else {}
-        with torch.inference_mode():
+        with stock_attention(), torch.inference_mode():
             return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   pad_token_id=pad, **extra)
 
@@ -204,16 +218,17 @@ def main() -> None:  # one measurement script, read top to bottom
             print(f"    (first call {first['s']:.1f} s: compilation ~{first['s'] - s:.1f} s, once per process)",
                   flush=True)
 
-    def plain_static(b: int) -> None:
+    def plain_static(b: int) -> None:  # compiles again: transformers' attention is another graph
         inputs = prepared(b)
-        plain(inputs, 4, static=True)
+        _, warm_s, _ = clock(lambda: plain(inputs, 4, static=True))
         _, s, peak = clock(lambda: plain(inputs, args.new_tokens, static=True))
-        record("plain generate, static cache", b, s, peak)
+        record("plain generate, static cache", b, s, peak, new_shape_s=warm_s)
 
-    def fly_eager(b: int) -> None:
+    def fly_eager(b: int) -> None:  # as with vlm_compile = "off": no static cache, transformers' attention
         vlm.compiled_decode = False
-        caption(b, 4)
-        _, s, peak = clock(lambda: caption(b, args.new_tokens))
+        with stock_attention():
+            caption(b, 4)
+            _, s, peak = clock(lambda: caption(b, args.new_tokens))
         record("flywheel caption, decode not compiled", b, s, peak)
 
     def judge(b: int) -> None:

@@ -54,16 +54,33 @@ def test_cpu_captions_and_scores_are_the_same_as_before_the_fast_path(tiny_vlm, 
     assert got == pytest.approx(p_yes, abs=1e-6)
 
 
-def test_static_cache_decode_gives_the_same_captions_as_the_default_cache(tiny_vlm):
-    """vlm_compile = "on": static KV cache and the compiled decode step (dynamo's eager backend keeps this
-    test fast on CPU; inductor with CUDA graphs runs on a GPU): greedy answers are unchanged, also for a
-    second batch of another size and prompt length (a new cache shape)."""
+def test_static_cache_decode_gives_the_same_captions_as_the_default_cache(tiny_vlm, tiny_vlm_dir, monkeypatch):
+    """vlm_compile = "on": static KV cache, the compiled decode step (dynamo's eager backend keeps this test
+    fast on CPU; inductor with CUDA graphs runs on a GPU) and the grouped-query decode attention: greedy
+    answers are unchanged, also for a second batch of another size and prompt length (a new cache shape)."""
+    import torch
+
+    from flywheel.models import load_vlm
+    from flywheel.models.vlm_speed import GQA_DECODE_ATTENTION
+
     plain = _adapter(tiny_vlm, 1024 * 1024)
-    fast = _adapter(tiny_vlm, 1024 * 1024, compile="on")
+    fresh = load_vlm(str(tiny_vlm_dir))  # its own model: the fast path switches the text decoder's attention
+    fast = QwenVLModel(fresh.model, fresh.processor, model_id="tiny", device="cpu", max_pixels=1024 * 1024,
+                       batch_size=3, compile="on")
     fast.compile_backend = "eager"
+    text = fast.model.config.get_text_config()
     assert fast.compiled_decode and fast.params()["compiled_decode"] is True
+    assert text._attn_implementation == GQA_DECODE_ATTENTION
+    assert fast.model.config.vision_config._attn_implementation == "sdpa"  # the vision tower keeps its own
+    shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: shapes.append(tuple(q.shape)) or sdpa(q, *a, **kw))
     reqs = _requests()
     assert fast.generate(reqs, max_new_tokens=10) == plain.generate(reqs, max_new_tokens=10) == GOLDEN[1024 * 1024][0]
+    groups = text.num_attention_heads // text.num_key_value_heads
+    # Decode steps ran with the query heads folded onto their key/value head (one query position each).
+    assert (3, text.num_key_value_heads, groups, text.hidden_size // text.num_attention_heads) in shapes
     assert fast.generate(reqs[1:3], max_new_tokens=6) == plain.generate(reqs[1:3], max_new_tokens=6)
 
 

@@ -82,6 +82,10 @@ class QwenVLModel:
         self.compile = compile
         self.compiled_decode = use_compiled_decode(compile, device, quantization)
         self.compile_backend = "inductor"  # tests swap in "eager" to check the static-cache path quickly on CPU
+        if self.compiled_decode:  # decode steps read each key/value head once, not once per query head
+            from flywheel.models.vlm_speed import use_gqa_decode_attention
+
+            use_gqa_decode_attention(self.model)
         ip = processor.image_processor
         self.pixel_multiple = getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)
 
