@@ -258,3 +258,9 @@ def test_the_recorded_endpoint_drops_credentials_and_query_strings():
 
     assert public_endpoint("https://user:pw@llm.example.com:8443/v1?api-key=abc#x") == "https://llm.example.com:8443/v1"
     assert public_endpoint("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+
+
+def test_models_info_on_a_service_says_it_is_one():
+    r = CliRunner().invoke(main, ["models", "info", "api:gpt-4o-mini"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "Error: 'api:gpt-4o-mini' is a service, not a model on this machine" in r.output and "[api]" in r.output

@@ -264,6 +264,11 @@ def model_info(spec: str, models_cfg: ModelsConfig | None = None) -> dict[str, A
     from flywheel.config import ModelsConfig
 
     cfg = models_cfg or ModelsConfig()
+    from flywheel.models.openai_common import is_api_spec
+
+    if is_api_spec(spec):
+        raise ConfigError(f"'{spec}' is a service, not a model on this machine: it has no weights or VRAM to report",
+                          hint="its endpoint, models and limits are [api] in flywheel.toml (docs/api.md)")
     resolved = resolve(spec, trust_remote_code=cfg.trust_remote_code)
     n_params, n_bytes = count_parameters(resolved.folder)
     adapter = load(spec, cfg)
