@@ -80,6 +80,7 @@ class QwenVLModel:
         self.generation = dict(generation or {})
         self.adapter: str | None = None  # a judge LoRA from `flywheel tune-judge`, once loaded
         self.compile = compile
+        self._prompts: dict[tuple[str | None, str, int], str] = {}
         self.compiled_decode = use_compiled_decode(compile, device, quantization)
         self.compile_backend = "inductor"  # tests swap in "eager" to check the static-cache path quickly on CPU
         if self.compiled_decode:  # decode steps read each key/value head once, not once per query head
@@ -220,12 +221,11 @@ class QwenVLModel:
         on_gpu = self.device == "cuda"
         texts, images = [], []
         for r in requests:
-            messages = [{"role": "system", "content": [{"type": "text", "text": r.system}]}] if r.system else []
-            content = [{"type": "image"} for _ in r.images] + [{"type": "text", "text": r.text}]
-            messages.append({"role": "user", "content": content})
-            texts.append(self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-            images.extend(im.convert("RGB") if on_gpu else fit_pixels(im, self.max_pixels, self.pixel_multiple)
-                          for im in r.images)
+            texts.append(self._prompt(r.system, r.text, len(r.images)))
+            if on_gpu:  # no copy for images already in RGB (the usual case): a 1024² copy costs milliseconds
+                images.extend(im if im.mode == "RGB" else im.convert("RGB") for im in r.images)
+            else:
+                images.extend(fit_pixels(im, self.max_pixels, self.pixel_multiple) for im in r.images)
         kwargs = image_kwargs(self.processor.image_processor, self.max_pixels, str(self.model.device) if on_gpu else None)
         inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt",
                                 **(kwargs if images else {}))
@@ -234,6 +234,19 @@ class QwenVLModel:
             # The vision tower casts to its dtype first thing: casting here halves the float32 batch's memory.
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
+
+    def _prompt(self, system: str | None, text: str, n_images: int) -> str:
+        """The chat-templated prompt, rendered once per (system, text, image count): a batch asks one question."""
+        key = (system, text, n_images)
+        if key not in self._prompts:
+            messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+            messages.append({"role": "user", "content": content})
+            if len(self._prompts) >= 256:  # judge prompts embed captions: keep the memo small
+                self._prompts.clear()
+            self._prompts[key] = self.processor.apply_chat_template(messages, tokenize=False,
+                                                                    add_generation_prompt=True)
+        return self._prompts[key]
 
     def _decode_kwargs(self, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
         """Static cache + compiled decode step where ``vlm_compile`` resolved on; nothing otherwise."""
