@@ -164,3 +164,22 @@ def test_release_returns_gpu_memory_to_the_baseline_and_offload_keeps_flux_off_t
     assert next(flux.pipe.transformer.parameters()).device.type == "cpu"  # moved in only while it runs
     offloaded.release()
     assert torch.cuda.memory_allocated() == baseline
+
+
+def test_a_vlm_with_the_compiled_decode_is_freed_when_the_pool_releases_it():
+    """On the H200 the 8B captioner with the compiled decode stayed allocated (16.3 GiB) after its stage, and
+    training then ran out of memory at a 24 GiB cap. Releasing the pool must drop the model and the compiled
+    code that may hold it (torch.compiler.reset in free_accelerator_memory). On CPU this runs dynamo with the
+    eager backend; the GPU's inductor path was not re-measured."""
+    from flywheel.models.base import ChatRequest
+
+    pool = ModelPool(ModelsConfig(device="cpu", vlm_compile="on"))
+    vlm = pool.vlm("tiny")
+    vlm.compile_backend = "eager"  # dynamo still traces and caches; eager keeps the test fast on CPU
+    assert vlm.compiled_decode
+    vlm.generate([ChatRequest("Answer yes or no: is the sky blue?")], max_new_tokens=4)
+    module = weakref.ref(vlm.model)
+    del vlm
+    pool.release()
+    gc.collect()
+    assert module() is None, "a compiled VLM outlived its stage: its GPU memory would not go back"

@@ -178,9 +178,16 @@ def load_counts(catalog: Catalog) -> dict[str, int]:
 
 
 def free_accelerator_memory() -> None:
-    """Collect garbage and return cached CUDA blocks (torch is only touched if a model imported it)."""
-    gc.collect()
+    """Collect garbage and return cached CUDA blocks (torch is only touched if a model imported it).
+
+    Compiled code goes too: torch.compile's caches (the VLM's compiled decode step, the trainer's compiled
+    blocks) can hold a released model's weights. On the H200 the 8B captioner stayed allocated (16.3 GiB) after
+    its stage and training then ran out of memory at a 24 GiB cap; the next stage's models compile afresh.
+    """
     torch = sys.modules.get("torch")
+    if torch is not None and "torch._dynamo" in sys.modules:
+        torch.compiler.reset()
+    gc.collect()
     if torch is not None and torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
