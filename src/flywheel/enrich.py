@@ -158,7 +158,7 @@ def _enrich(project: Project, cfg: EnrichConfig, editor: ImageEditor | None, pro
         batches = [b for b in batches if any(u.work_key not in done for u in b)]
         given = editor if route.default else None
         composite = given is None and route.backend == "composite"  # not a pooled model: closed here
-        if composite:  # a CPU model: replicas on Ray actors with [compute] backend = "ray" (flywheel.compute)
+        if composite and project.config.compute.backend == "ray":  # a CPU model: replicas on Ray actors
             from flywheel.compute import remote
             from flywheel.models.composite import CompositeEditor
 
