@@ -65,8 +65,10 @@ class Ranks:
         if self.main:
             self.barrier()
 
-    def broadcast(self, params: dict[str, Any]) -> None:
-        """Every rank starts from rank 0's LoRA (they are identical by construction; this guards it)."""
+    def start(self, params: dict[str, Any], cfg) -> None:
+        """Before the first step: every rank takes rank 0's LoRA (identical by construction; this guards it),
+        and the log states the batch arithmetic."""
+        log.info("effective batch %d per optimizer step (%s)", effective_batch(cfg), describe(cfg))
         if not self.group or self.world == 1:
             return
         import torch.distributed as dist
@@ -133,9 +135,18 @@ def describe(cfg) -> dict:
             "path": "distributed" if gpus else "single process"}
 
 
-def requested_device(project, device: str | None) -> str:
-    """The device the user asked for: the stage's override, else [models] base device ('auto', 'cpu', ...)."""
-    return device or project.config.models.for_role("base")["device"]
+def place(project, cfg, device: str | None) -> tuple[str, int]:
+    """``check`` for ``[train] gpus`` and the device the user asked for (the stage's override, else [models]
+    base device: 'auto', 'cpu', 'cuda:1' ...)."""
+    return check(cfg.gpus, device or project.config.models.for_role("base")["device"])
+
+
+def launch(project, placed: tuple[str, int], progress, **run_kwargs) -> list[float]:
+    """Train on ``cfg.gpus`` worker processes (``training/launch.py``); this process stays the catalog's writer."""
+    from flywheel.training.launch import launch as start
+
+    return start(project, "flywheel.train:_run", gpus=run_kwargs["cfg"].gpus, backend=placed[0],
+                 first_cuda=placed[1], progress=progress, **run_kwargs)
 
 
 def check(gpus: int, device: str) -> tuple[str, int]:
