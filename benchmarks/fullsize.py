@@ -30,7 +30,7 @@ log = logging.getLogger("benchmarks.fullsize")
 FLUX_DEV, FLUX_KONTEXT = "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-Kontext-dev"
 QWEN_EDIT, LIGHTNING = "Qwen/Qwen-Image-Edit-2511", "lightx2v/Qwen-Image-Edit-2511-Lightning"
 QWEN2_VL_2B = "Qwen/Qwen2-VL-2B-Instruct"
-QWEN3_VL_8B = "Qwen/Qwen3-VL-8B-Instruct"
+QWEN3_VL_8B, QWEN3_VL_4B = "Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-4B-Instruct"
 KLEIN_4B, KLEIN_BASE_4B = "black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-base-4B"
 LIGHTNING_FILE = "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"
 
@@ -67,6 +67,9 @@ QWEN3_VL_8B_TEXT = dict(hidden_size=4096, intermediate_size=12288, num_hidden_la
 QWEN3_VL_8B_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
                           deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh")
+QWEN3_VL_4B_TEXT = dict(QWEN3_VL_8B_TEXT, hidden_size=2560, intermediate_size=9728)
+QWEN3_VL_4B_VISION = dict(QWEN3_VL_8B_VISION, depth=24, hidden_size=1024, intermediate_size=4096, out_hidden_size=2560,
+                          deepstack_visual_indexes=[5, 11, 17])
 QWEN_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}  # Qwen's budget: 1024² -> 1225 tokens
 LORA_RANK = 64
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -162,9 +165,16 @@ def build_qwen2_vl(cache: Path, *, tiny: bool, device: str) -> float:
     return _done(snap, t0, QWEN2_VL_2B)
 
 
-def build_qwen3_vl_8b(cache: Path, *, tiny: bool, device: str) -> float:
+def build_qwen3_vl_4b(cache: Path, *, tiny: bool, device: str) -> float:
+    """Qwen/Qwen3-VL-4B-Instruct: 4.4 B parameters (the klein4b stack's captioner and judge)."""
+    return build_qwen3_vl_8b(cache, tiny=tiny, device=device, repo=QWEN3_VL_4B, text=QWEN3_VL_4B_TEXT,
+                             vision=QWEN3_VL_4B_VISION, tie=True)
+
+
+def build_qwen3_vl_8b(cache: Path, *, tiny: bool, device: str, repo: str = QWEN3_VL_8B, text: dict | None = None,
+                      vision: dict | None = None, tie: bool = False) -> float:
     """Qwen/Qwen3-VL-8B-Instruct: 8.8 B parameters (36-layer text model, 27-block vision tower with deepstack
-    features, 16 px patches), Qwen3VLProcessor; the klein4b stack's captioner and judge."""
+    features, 16 px patches), Qwen3VLProcessor; ``repo``/``text``/``vision`` give the other sizes."""
     import torch
     from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
                               Qwen3VLVideoProcessor)
@@ -172,18 +182,18 @@ def build_qwen3_vl_8b(cache: Path, *, tiny: bool, device: str) -> float:
     from flywheel.testing.tiny.tokenizers import QWEN2_VL_CHAT_TEMPLATE, qwen2_tokenizer
     from flywheel.testing.tiny.vlm import build_tiny_qwen2_vl
 
-    t0, snap = time.perf_counter(), snapshot_dir(cache, QWEN3_VL_8B)
+    t0, snap = time.perf_counter(), snapshot_dir(cache, repo)
     if tiny:
         build_tiny_qwen2_vl(snap, "qwen3_vl")
-        return _done(snap, t0, f"{QWEN3_VL_8B} (tiny)")
+        return _done(snap, t0, f"{repo} (tiny)")
     tok = qwen2_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>",
                                                      "<|vision_start|>", "<|vision_end|>")}
-    cfg = Qwen3VLConfig(text_config=dict(QWEN3_VL_8B_TEXT, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+    cfg = Qwen3VLConfig(text_config=dict(text or QWEN3_VL_8B_TEXT, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                                          pad_token_id=ids["<|endoftext|>"]),
-                        vision_config=QWEN3_VL_8B_VISION, image_token_id=ids["<|image_pad|>"],
+                        vision_config=vision or QWEN3_VL_8B_VISION, image_token_id=ids["<|image_pad|>"],
                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tie)
     torch.manual_seed(0)
     with _device_build(device, tiny):
         model = Qwen3VLForConditionalGeneration(cfg)
@@ -196,7 +206,7 @@ def build_qwen3_vl_8b(cache: Path, *, tiny: bool, device: str) -> float:
                      chat_template=QWEN2_VL_CHAT_TEMPLATE).save_pretrained(snap)
     del model
     _free()
-    return _done(snap, t0, QWEN3_VL_8B)
+    return _done(snap, t0, repo)
 
 
 def build_flux_dev(cache: Path, *, tiny: bool, device: str) -> float:

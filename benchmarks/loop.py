@@ -207,7 +207,8 @@ def klein_phase(root: Path, cache: Path, args, env, log_file) -> tuple[dict, dic
     from flywheel.models.stacks import STACKS
 
     vlm = {"qwen2-vl-2b": (fullsize.QWEN2_VL_2B, fullsize.build_qwen2_vl),
-           "qwen3-vl-8b": (fullsize.QWEN3_VL_8B, fullsize.build_qwen3_vl_8b)}[STACKS[args.klein_stack].captioner]
+           "qwen3-vl-8b": (fullsize.QWEN3_VL_8B, fullsize.build_qwen3_vl_8b),
+           "qwen3-vl-4b": (fullsize.QWEN3_VL_4B, fullsize.build_qwen3_vl_4b)}[STACKS[args.klein_stack].captioner]
     if not fullsize.has_repo(cache, vlm[0]):
         edit["build_s"] += vlm[1](cache, tiny=args.tiny, device=args.build_device)
     if args.cap_gib and not args.tiny:

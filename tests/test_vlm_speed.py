@@ -93,7 +93,7 @@ def test_vlm_compile_setting_resolves_per_device_and_reaches_the_adapter(tiny_vl
     assert use_compiled_decode("on", "cpu", "none") and not use_compiled_decode("off", "cuda", "none")
     with pytest.raises(ConfigError, match="vlm_compile"):
         use_compiled_decode("fast", "cuda", "none")
-    assert ModelsConfig().vlm_compile == "auto"
+    assert ModelsConfig().vlm_compile == "off"  # a project's tens of images do not pay for a compilation
     vlm = load_vlm(str(tiny_vlm_dir), ModelsConfig(vlm_compile="off"))
     assert vlm.params()["compile"] == "off" and vlm.params()["compiled_decode"] is False
     with pytest.raises(ValueError, match="vlm_compile"):

@@ -37,9 +37,12 @@ STACKS: dict[str, Stack] = {s.name: s for s in [
     Stack("flux1-kontext", "qwen2-vl-2b", "qwen2-vl-2b", "flux-kontext-dev", "flux-dev", "flux-kontext",
           "FLUX.1 Kontext [dev] edits, FLUX.1-dev LoRAs: both fit 24 GB with fp8 + cpu_offload "
           "(configs/examples/gpu-24gb.toml); both non-commercial"),
-    Stack("klein4b", "qwen3-vl-8b", "qwen3-vl-8b", "flux2-klein-4b", "flux2-klein-base-4b", "flux2-klein",
+    # Qwen3-VL-4B, not -8B: on the H200 capped at 24 GiB the 8B captioner ran out of memory at the default
+    # vlm_batch_size of 16 (16.3 GiB of weights; docs/performance.md). Set captioner/judge to qwen3-vl-8b on a
+    # bigger card.
+    Stack("klein4b", "qwen3-vl-4b", "qwen3-vl-4b", "flux2-klein-4b", "flux2-klein-base-4b", "flux2-klein",
           "FLUX.2 klein 4B edits (4 steps, several references), LoRAs trained on klein-base 4B and rendered on "
-          "klein 4B (4 steps), Qwen3-VL-8B captions and judge: Apache-2.0 end to end, each fits 24 GB"),
+          "klein 4B (4 steps), Qwen3-VL-4B captions and judge: Apache-2.0 end to end, each fits 24 GB"),
     Stack("tiny", "tiny", "tiny", "tiny", "tiny", "qwen-image-edit",
           "tiny random models of the flux1 stack's architectures, on the CPU: tests and demos only"),
     Stack("tiny-klein", "tiny-qwen3-vl", "tiny-qwen3-vl", "tiny-flux2-klein", "tiny-flux2-klein-base", "flux2-klein",
