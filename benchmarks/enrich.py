@@ -42,10 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from fullsize import FLUX_TRANSFORMER as FLUX_FULL
+from fullsize import KLEIN_4B_TRANSFORMER, QWEN3_4B  # the real repos' configs, shared with the loop benchmark
+
 RECIPES = ["forest", "sunset", "oil_painting", "left_view", "city_night"]  # the seed's four prompts + one
-FLUX_FULL = dict(attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096,
-                 num_attention_heads=24, num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768,
-                 axes_dims_rope=(16, 56, 56))
 
 
 def kontext_editor(device: str, tiny: bool, args):
@@ -142,13 +142,8 @@ def klein_editor(device: str, tiny: bool, args):
     if not tiny:  # the FLUX.2-klein-4B config: 3.88 B transformer, Qwen3-4B (4.02 B) text encoder
         torch.set_default_dtype(torch.bfloat16)
         with torch.device(device):
-            pipe.transformer = Flux2Transformer2DModel(
-                in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
-                joint_attention_dim=7680, guidance_embeds=False)
-            pipe.text_encoder = Qwen3ForCausalLM(Qwen3Config(
-                vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                max_position_embeddings=40960))
+            pipe.transformer = Flux2Transformer2DModel(**KLEIN_4B_TRANSFORMER)
+            pipe.text_encoder = Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B))
             pipe.vae = AutoencoderKLFlux2()
         torch.set_default_dtype(torch.float32)
     pipe.to(device)

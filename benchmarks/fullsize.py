@@ -238,18 +238,25 @@ def build_flux_dev(cache: Path, *, tiny: bool, device: str) -> float:
 
 def link_flux_kontext(cache: Path) -> float:
     """black-forest-labs/FLUX.1-Kontext-dev: FLUX.1-dev's components (symlinked) under a FluxKontextPipeline index."""
+    t0 = time.perf_counter()
+    snap = _link_repo(cache, FLUX_DEV, FLUX_KONTEXT, _class_name="FluxKontextPipeline")
+    return _done(snap, t0, f"{FLUX_KONTEXT} (components linked to FLUX.1-dev)")
+
+
+def _link_repo(cache: Path, src_repo: str, repo: str, **index_changes) -> Path:
+    """``repo`` as ``src_repo``'s component files (symlinked, as the HF cache links snapshots to blobs) under
+    ``src_repo``'s model_index.json with ``index_changes``: the same shapes under another pipeline's name."""
     import json
 
-    t0, src, snap = time.perf_counter(), snapshot_dir(cache, FLUX_DEV), snapshot_dir(cache, FLUX_KONTEXT)
-    index = json.loads((src / "model_index.json").read_text())
-    index["_class_name"] = "FluxKontextPipeline"
+    src, snap = snapshot_dir(cache, src_repo), snapshot_dir(cache, repo)
+    index = {**json.loads((src / "model_index.json").read_text()), **index_changes}
     (snap / "model_index.json").write_text(json.dumps(index, indent=2))
-    for file in src.rglob("*"):  # file symlinks, as the HF cache links snapshots to blobs
+    for file in src.rglob("*"):
         target = snap / file.relative_to(src)
         if file.is_file() and file.name not in ("model_index.json", ".complete") and not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to(file)
-    return _done(snap, t0, f"{FLUX_KONTEXT} (components linked to FLUX.1-dev)")
+    return snap
 
 
 def build_flux2_klein(cache: Path, *, tiny: bool, device: str) -> float:
@@ -257,8 +264,6 @@ def build_flux2_klein(cache: Path, *, tiny: bool, device: str) -> float:
     Flux2KleinPipeline folders with a 3.88 B transformer (2 shards), the Qwen3-4B text encoder, the FLUX.2 VAE.
     The base repo links the distilled one's files (same shapes; the real repos share encoder and VAE) under its
     own model_index.json (``is_distilled: false``)."""
-    import json
-
     import torch
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -280,16 +285,7 @@ def build_flux2_klein(cache: Path, *, tiny: bool, device: str) -> float:
         del pipe
         _free()
     seconds = _done(snap, t0, KLEIN_4B + (" (tiny)" if tiny else ""))
-    base = snapshot_dir(cache, KLEIN_BASE_4B)
-    index = json.loads((snap / "model_index.json").read_text())
-    index["is_distilled"] = False
-    (base / "model_index.json").write_text(json.dumps(index, indent=2))
-    for file in snap.rglob("*"):
-        target = base / file.relative_to(snap)
-        if file.is_file() and file.name not in ("model_index.json", ".complete") and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(file)
-    (base / ".complete").write_text(KLEIN_BASE_4B)
+    (_link_repo(cache, KLEIN_4B, KLEIN_BASE_4B, is_distilled=False) / ".complete").write_text(KLEIN_BASE_4B)
     return seconds
 
 

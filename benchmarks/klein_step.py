@@ -21,8 +21,8 @@ from __future__ import annotations
 import time
 from functools import partial
 
-KLEIN_BASE_4B = dict(in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
-                     num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False)
+from fullsize import KLEIN_4B_TRANSFORMER as KLEIN_BASE_4B  # klein-base-4B has klein-4B's transformer shape
+
 TINY = dict(in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]

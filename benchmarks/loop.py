@@ -159,24 +159,35 @@ def enrich_phase(root: Path, cache: Path, args, env, log_file) -> dict:
     out["fast_cli_s"] = cli(project, "enrich", env=env, log_file=log_file)
     out["fast"] = unit_times(project, "enrich")
     if args.stock_edits:
-        stock = root / "project-stock"
-        if not (stock / "flywheel.toml").exists():
-            cli(None, "init", str(stock), "--name", "Stock", "--trigger", "fw_bench", env=env, log_file=log_file)
-            text = config("default", args).replace(f"recipes = {json.dumps(RECIPES[:args.recipes])}",
-                                                   f"recipes = {json.dumps(RECIPES[:1])}")
-            text = text.replace("[models]", '[models]\neditor = "qwen-image-edit-2511"', 1)
-            (stock / "flywheel.toml").write_text(text)
-            from flywheel.sample import write_sample
-
-            for extra in write_sample(stock / "sources")[args.stock_edits:]:
-                extra.unlink()
-        cli(stock, "ingest", str(stock / "sources"), env=env, log_file=log_file)
-        out["stock_cli_s"] = cli(stock, "enrich", env=env, log_file=log_file)
-        out["stock"] = unit_times(stock, "enrich")
+        out.update(stock_edits(root / "project-stock", "default", "qwen-image-edit-2511", args, env, log_file))
     if not args.keep:
         fullsize.remove_repo(cache, fullsize.QWEN_EDIT)
         fullsize.remove_repo(cache, fullsize.LIGHTNING)
     return out
+
+
+def stock_edits(stock: Path, profile: str, editor: str, args, env, log_file) -> dict:
+    """The stock preset's edits in a small project of their own (``--stock-edits`` sources x 1 recipe)."""
+    if not (stock / "flywheel.toml").exists():
+        cli(None, "init", str(stock), "--name", "Stock", "--trigger", "fw_bench", env=env, log_file=log_file)
+        text = config(profile, args).replace(f"recipes = {json.dumps(RECIPES[:args.recipes])}",
+                                             f"recipes = {json.dumps(RECIPES[:1])}")
+        text = text.replace("[models]", f'[models]\neditor = "{editor}"', 1)
+        (stock / "flywheel.toml").write_text(text)
+        from flywheel.sample import write_sample
+
+        for extra in write_sample(stock / "sources")[args.stock_edits:]:
+            extra.unlink()
+    cli(stock, "ingest", str(stock / "sources"), env=env, log_file=log_file)
+    return {"stock_cli_s": cli(stock, "enrich", env=env, log_file=log_file), "stock": unit_times(stock, "enrich")}
+
+
+def run_results(project: Path, env, log_file) -> dict:
+    """`flywheel run` on ``project``, and what the catalog says of it afterwards."""
+    return {"cli_s": cli(project, "run", env=env, log_file=log_file), "steps": loop_steps(project),
+            "units": {stage: unit_times(project, stage) for stage in ("enrich", "caption", "judge", "generate", "evaluate")},
+            "train": train_timing(project),
+            "report": [str(p) for p in (project / ".flywheel" / "reports").rglob("index.html")]}
 
 
 def run_phase(root: Path, cache: Path, profile: str, args, env, log_file) -> dict:
@@ -189,12 +200,7 @@ def run_phase(root: Path, cache: Path, profile: str, args, env, log_file) -> dic
         fullsize.link_flux_kontext(cache)
         env = {**env, "FLYWHEEL_BENCH_GPU_FRACTION": str(args.cap_gib * 1024**3 / _gpu_total())}
     project = make_project(root, profile, args, env, log_file)
-    out["cli_s"] = cli(project, "run", env=env, log_file=log_file)
-    out["steps"] = loop_steps(project)
-    out["units"] = {stage: unit_times(project, stage) for stage in ("enrich", "caption", "judge", "generate", "evaluate")}
-    out["train"] = train_timing(project)
-    out["report"] = [str(p) for p in (project / ".flywheel" / "reports").rglob("index.html")]
-    return out
+    return {**out, **run_results(project, env, log_file)}
 
 
 def klein_phase(root: Path, cache: Path, args, env, log_file) -> tuple[dict, dict]:
@@ -218,27 +224,8 @@ def klein_phase(root: Path, cache: Path, args, env, log_file) -> tuple[dict, dic
     edit["fast_cli_s"] = cli(project, "enrich", env=env, log_file=log_file)
     edit["fast"] = unit_times(project, "enrich")
     if args.stock_edits:
-        stock = root / "project-klein-stock"
-        if not (stock / "flywheel.toml").exists():
-            cli(None, "init", str(stock), "--name", "Stock", "--trigger", "fw_bench", env=env, log_file=log_file)
-            text = config("klein", args).replace(f"recipes = {json.dumps(RECIPES[:args.recipes])}",
-                                                 f"recipes = {json.dumps(RECIPES[:1])}")
-            text = text.replace("[models]", '[models]\neditor = "flux2-klein-base-4b-edit"', 1)
-            (stock / "flywheel.toml").write_text(text)
-            from flywheel.sample import write_sample
-
-            for extra in write_sample(stock / "sources")[args.stock_edits:]:
-                extra.unlink()
-        cli(stock, "ingest", str(stock / "sources"), env=env, log_file=log_file)
-        edit["stock_cli_s"] = cli(stock, "enrich", env=env, log_file=log_file)
-        edit["stock"] = unit_times(stock, "enrich")
-    run: dict = {"build_s": 0.0}
-    run["cli_s"] = cli(project, "run", env=env, log_file=log_file)
-    run["steps"] = loop_steps(project)
-    run["units"] = {stage: unit_times(project, stage) for stage in ("enrich", "caption", "judge", "generate", "evaluate")}
-    run["train"] = train_timing(project)
-    run["report"] = [str(p) for p in (project / ".flywheel" / "reports").rglob("index.html")]
-    return edit, run
+        edit.update(stock_edits(root / "project-klein-stock", "klein", "flux2-klein-base-4b-edit", args, env, log_file))
+    return edit, {"build_s": 0.0, **run_results(project, env, log_file)}
 
 
 def _gpu_total() -> int:
