@@ -22,32 +22,19 @@ import time
 from functools import partial
 
 from fullsize import KLEIN_4B_TRANSFORMER as KLEIN_BASE_4B  # klein-base-4B has klein-4B's transformer shape
+from train_step import TARGETS  # the LoRA targets train_step.build adds
 
 TINY = dict(in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
-TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_TOKENS = 512
 
 
 def build(dims: dict, device: str, lora_dtype):
-    import torch
+    """train_step.py's build with klein's transformer class (same LoRA targets)."""
     from diffusers import Flux2Transformer2DModel
-    from peft import LoraConfig
+    from train_step import build as build_with_lora
 
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            tr = Flux2Transformer2DModel(**dims)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    tr.requires_grad_(False)
-    tr.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=TARGETS))
-    params = [p for p in tr.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.to(lora_dtype)
-    tr.train()
-    return tr, params
+    return build_with_lora(dims, device, lora_dtype, model_cls=Flux2Transformer2DModel)
 
 
 def inputs(dims: dict, res: int, device: str):

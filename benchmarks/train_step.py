@@ -41,7 +41,8 @@ TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 PROFILE = False
 
 
-def build(cfg: dict, device: str, lora_dtype):
+def build(cfg: dict, device: str, lora_dtype, model_cls=None):
+    """A random bf16 transformer (FLUX.1's, or ``model_cls``) built on ``device``, frozen, with the LoRA."""
     import torch
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
@@ -50,7 +51,7 @@ def build(cfg: dict, device: str, lora_dtype):
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            tr = FluxTransformer2DModel(**cfg)
+            tr = (model_cls or FluxTransformer2DModel)(**cfg)
     finally:
         torch.set_default_dtype(torch.float32)
     tr.requires_grad_(False)
