@@ -183,3 +183,25 @@ def test_a_vlm_with_the_compiled_decode_is_freed_when_the_pool_releases_it():
     pool.release()
     gc.collect()
     assert module() is None, "a compiled VLM outlived its stage: its GPU memory would not go back"
+
+
+def test_a_released_model_is_freed_while_a_stage_still_holds_its_adapter(tmp_path):
+    """A stage keeps its adapter in a local variable until it returns, after its pool was released. On the
+    H200 the klein generator stayed allocated that way (15 GiB at its release, 7.2 GiB still there under the
+    next stage's captioner at a 24 GiB cap): the release must cut the adapter from its weights, and a cached
+    helper model (SAM masks) must go too."""
+    import flywheel.models.subject_mask as subject_mask
+    from flywheel.testing.tiny.sam import build_tiny_sam
+
+    pool = ModelPool(ModelsConfig(device="cpu"))
+    model = pool.text_to_image("tiny")  # what generate's `model` local holds
+    transformer = weakref.ref(model.pipe.transformer)
+    sam = weakref.ref(subject_mask._sam(str(build_tiny_sam(tmp_path / "sam")), "cpu")[1])  # inpaint's mask model
+    gc.disable()
+    try:
+        pool.release()
+        assert transformer() is None, "the released generator's transformer is still allocated"
+        assert sam() is None, "the SAM mask model outlived the stage"
+    finally:
+        gc.enable()
+    assert model.pipe is None  # using it now fails at once instead of holding memory

@@ -109,6 +109,7 @@ class ModelPool:
             close = getattr(held.adapter, "close", None)
             if callable(close):
                 close()
+            _drop_weights(held.adapter)
         self.held.clear()
         free_accelerator_memory()
         log.info("released %s (%s)", ", ".join(labels), _memory_line(self.baseline_bytes))
@@ -170,11 +171,34 @@ def stage_pool(project, pool: ModelPool | None, stage: str) -> Iterator[ModelPoo
         yield own
 
 
+# The attributes through which an adapter holds its weights: diffusers pipelines, transformers models and
+# processors, and an inner adapter (describe-then-generate's text-to-image model).
+WEIGHT_ATTRS = ("pipe", "model", "processor", "generator")
+
+
+def _drop_weights(adapter: Any) -> None:
+    """Cut a released adapter from its weights, so a stage that still holds the adapter (a local variable
+    alive while its ``with stage_pool(...)`` block exits) cannot keep them allocated. On the H200 the klein
+    generator was still allocated when its release was logged (15.0 GiB), and 7.2 GiB of it (the size of its
+    transformer) was still there when the next stage loaded its captioner, at a 24 GiB cap. Using an adapter
+    after its release is a bug; it fails on the first call instead of silently holding GPU memory."""
+    for name in WEIGHT_ATTRS:
+        if getattr(adapter, name, None) is not None:
+            try:
+                setattr(adapter, name, None)
+            except AttributeError:  # a read-only property (a Ray handle's view): nothing of ours to drop
+                continue
+
+
 def load_counts(catalog: Catalog) -> dict[str, int]:
     """How many model loads each stage made, from the catalog's load rows."""
     rows = catalog.query("SELECT stage, COUNT(*) AS n FROM operations WHERE kind = 'model_call' AND status = 'ok' "
                          "AND json_extract(params_json, '$.action') = 'load' GROUP BY stage")
     return {r["stage"]: int(r["n"]) for r in rows}
+
+
+# functools.lru_cache'd loaders of helper models that a stage's adapter uses but the pool does not hold.
+_MODEL_CACHES = (("flywheel.models.subject_mask", "_sam"), ("flywheel.models.sdxl_controlnet", "_depth_model"))
 
 
 def free_accelerator_memory() -> None:
@@ -187,6 +211,10 @@ def free_accelerator_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and "torch._dynamo" in sys.modules:
         torch.compiler.reset()
+    for module, cached in _MODEL_CACHES:  # helper models cached per process (SAM masks, depth maps)
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            getattr(loaded, cached).cache_clear()
     gc.collect()
     if torch is not None and torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +46,25 @@ def canny_image(image: Image.Image, low: int, high: int) -> Image.Image:
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
-def depth_image(image: Image.Image, spec: str, device: str) -> Image.Image:
-    """A depth map (near = bright, 0-255, 3 channels) from a transformers depth-estimation model."""
-    import numpy as np
-    import torch
+@lru_cache(maxsize=1)
+def _depth_model(spec: str, device: str):
+    """The depth model, loaded once per process rather than once per edit; the model pool's release clears it
+    (``flywheel.models.pool.free_accelerator_memory``)."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
     from flywheel.models.hub import resolve_model
 
     folder = resolve_model(spec)
-    processor = AutoImageProcessor.from_pretrained(folder)
-    model = AutoModelForDepthEstimation.from_pretrained(folder, use_safetensors=True).to(device).eval()
+    return (AutoImageProcessor.from_pretrained(folder),
+            AutoModelForDepthEstimation.from_pretrained(folder, use_safetensors=True).to(device).eval())
+
+
+def depth_image(image: Image.Image, spec: str, device: str) -> Image.Image:
+    """A depth map (near = bright, 0-255, 3 channels) from a transformers depth-estimation model."""
+    import numpy as np
+    import torch
+
+    processor, model = _depth_model(spec, device)
     with torch.no_grad():
         depth = model(**processor(images=image.convert("RGB"), return_tensors="pt").to(device)).predicted_depth
     depth = torch.nn.functional.interpolate(depth[:, None].float(), size=image.size[::-1], mode="bicubic")[0, 0]
