@@ -67,7 +67,8 @@ class TrainConfig(Section):
     timestep_sampling: Literal["shifted_sigmoid", "sigmoid", "uniform"] = "shifted_sigmoid"
     gradient_checkpointing: bool = True
     checkpoint_every_n_blocks: int = Field(
-        0, ge=0, description="With checkpointing: 1 = every block, 2 = half...; 0 = auto (2 with fp8_matmul, else 1).")
+        0, ge=0, description="With checkpointing: 1 = every block, 2 = half...; 0 = auto (with fp8_matmul: none for a base of "
+                   "<= 6 B params at <= one 1024² image per step, else 2; without: 1).")
     quantize_base: Literal["auto", "none", "fp8", "int8", "nf4"] = Field(
         "auto", description="Frozen base precision while training; 'auto' follows [models] quantization of the base.")
     compile: bool = Field(True, description="torch.compile per transformer block (CUDA only; skipped elsewhere).")

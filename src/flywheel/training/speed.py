@@ -110,7 +110,7 @@ def apply(transformer, cfg, device: str, *, base_quantize: str = "none") -> Appl
     done.attention_backend = backend
 
     # 3. Activation checkpointing on every N-th block, and 4. regional compile, one block at a time.
-    every = checkpoint_every(cfg, done.fp8_matmul)
+    every = checkpoint_every(cfg, done.fp8_matmul, base_parameters(transformer))
     compile_ = cfg.compile and cuda
     if cfg.compile and not cuda:
         skip("compile", f"torch.compile of the blocks runs on CUDA only ({device!r})")
@@ -120,12 +120,32 @@ def apply(transformer, cfg, device: str, *, base_quantize: str = "none") -> Appl
     return done
 
 
-def checkpoint_every(cfg, fp8_matmul: bool) -> int:
-    """Every how many blocks to checkpoint (0 = none). 'auto' (0): every 2nd block with fp8 matmuls (the fp8
-    base leaves room: 1024² fits 24 GiB), every block otherwise (a bf16 base needs all the room it can get)."""
+# 'auto' checkpointing leaves a base this small uncheckpointed under fp8 matmuls, up to one 1024² image per
+# step. Measured on the H200 (benchmarks/train_step.py --family klein): klein-base-4B (3.9 B) at 1024², batch 1,
+# 0.161 s/step and 13.7 GiB with no checkpointing against 0.200 s and 9.5 GiB with every 2nd block; FLUX.1-dev
+# (12 B) needs every 2nd block to stay under 24 GiB (23.3 GiB). Activation memory grows with the pixels of a
+# step, so a bigger batch or resolution checkpoints again.
+SMALL_BASE_PARAMS = 6e9
+SMALL_BASE_PIXELS = 1024 * 1024
+
+
+def checkpoint_every(cfg, fp8_matmul: bool, base_params: float = 0) -> int:
+    """Every how many blocks to checkpoint (0 = none). 'auto' (0): none for a small base with fp8 matmuls and
+    at most a 1024² image per step (``SMALL_BASE_*``), every 2nd block with fp8 matmuls (the fp8 base leaves
+    room: FLUX.1-dev at 1024² fits 24 GiB), every block otherwise (a bf16 base needs all the room it can get)."""
     if not cfg.gradient_checkpointing:
         return 0
-    return cfg.checkpoint_every_n_blocks or (2 if fp8_matmul else 1)
+    if cfg.checkpoint_every_n_blocks:
+        return cfg.checkpoint_every_n_blocks
+    if not fp8_matmul:
+        return 1
+    small = 0 < base_params <= SMALL_BASE_PARAMS and cfg.batch_size * cfg.resolution ** 2 <= SMALL_BASE_PIXELS
+    return 0 if small else 2
+
+
+def base_parameters(transformer) -> int:
+    """Elements of the transformer's weights, parameters and buffers (fp8-stored weights are buffers)."""
+    return sum(t.numel() for t in transformer.parameters()) + sum(t.numel() for t in transformer.buffers())
 
 
 def wrap_blocks(transformer, every: int, *, compile: bool = False, activation_memory_budget: float = 1.0):
