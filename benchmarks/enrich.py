@@ -184,7 +184,8 @@ def controlnet_editor(device: str, tiny: bool, args):
 
     from flywheel.models.sdxl_controlnet import CONTROL_DEFAULTS, DEFAULTS, SDXLControlNetEditor
 
-    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(sdxl_pipeline("controlnet", tiny=tiny, device=device))
+    base = sdxl_pipeline("controlnet", tiny=tiny, device=device)
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(base, dtype=base.dtype)  # from_pipe's default: fp32
     pipe.set_progress_bar_config(disable=True)
     settings = {**DEFAULTS, "num_inference_steps": args.steps or DEFAULTS["num_inference_steps"]}
     if tiny:

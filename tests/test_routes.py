@@ -180,6 +180,19 @@ def test_sdxl_turbo_controlnet_gets_canny_edges_of_the_source_and_few_steps(peop
         load_editor("tiny-sdxl-turbo-controlnet", strength=0.4).edit([EditRequest(wide, "a beach", seed=1)])
 
 
+def test_sdxl_turbo_controlnet_img2img_keeps_the_dtype_it_was_loaded_in():
+    """diffusers' from_pipe casts every component to float32 unless given a dtype: on the H200 the img2img route
+    ran SDXL-Turbo + ControlNet in fp32 (29.3 GiB) though the editor said bfloat16."""
+    import torch
+
+    from flywheel.models import load_editor
+
+    editor = load_editor("tiny-sdxl-turbo-controlnet", dtype="bfloat16")
+    assert type(editor.pipe).__name__ == "StableDiffusionXLControlNetImg2ImgPipeline"
+    for name in ("unet", "controlnet", "text_encoder", "text_encoder_2"):
+        assert {p.dtype for p in getattr(editor.pipe, name).parameters()} == {torch.bfloat16}, name
+
+
 def test_sdxl_turbo_controlnet_through_flywheel_enrich(project, people):
     _add(project, people[:1])
     out = _run(project, recipes='["oil_painting", "neon"]', backend="sdxl-turbo-controlnet",

@@ -119,13 +119,15 @@ class SDXLControlNetEditor:
             torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
             kwargs["controlnet"] = ControlNetModel.from_pretrained(resolve_model(controlnet), dtype=torch_dtype,
                                                                    use_safetensors=True)
-        pipe, torch_dtype = load_pipeline(StableDiffusionXLControlNetPipeline, folder, label=label, device=device,
+        # The img2img class loads from the same folder (same components). Not ``from_pipe`` on a loaded text-to-
+        # image pipeline: it casts every component to float32 unless told a dtype (the H200 benchmark ran the
+        # whole route in fp32, 29.3 GiB), and a cast would also undo an fp8-stored UNet.
+        pipe_cls = StableDiffusionXLControlNetImg2ImgPipeline if control["mode"] == "img2img" else \
+            StableDiffusionXLControlNetPipeline
+        pipe, torch_dtype = load_pipeline(pipe_cls, folder, label=label, device=device,
                                           dtype=dtype, cpu_offload=cpu_offload, quantization=quantization,
                                           vae_tiling=vae_tiling, quantize=("unet",), **kwargs)
         records = apply_loras(pipe, loras, model_id=label, quantization=quantization, dtype=torch_dtype)
-        if control["mode"] == "img2img":  # same components, the img2img call
-            pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(pipe)
-            pipe.set_progress_bar_config(disable=True)
         return cls(pipe, model_id=label, device=device, dtype=torch_dtype, cpu_offload=cpu_offload,
                    quantization=quantization, settings={**DEFAULTS, **settings}, control=control,
                    controlnet=None if has_controlnet else controlnet, loras=records)
