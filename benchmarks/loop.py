@@ -244,7 +244,7 @@ def _catalog(project: Path) -> sqlite3.Connection:
 def loop_steps(project: Path) -> list[dict]:
     """Each `flywheel run` step: seconds, GPU peak, and the model loads (label, seconds) made inside it."""
     conn = _catalog(project)
-    steps = [dict(r) for r in conn.execute("SELECT id, params_json, duration_ms, status FROM operations "
+    steps = [dict(r) for r in conn.execute("SELECT id, params_json, duration_ms, status, started_at FROM operations "
                                            "WHERE stage = 'run' AND kind = 'stage_run' ORDER BY id")]
     loads = [dict(r) for r in conn.execute("SELECT id, model, params_json FROM operations WHERE kind = 'model_call' "
                                            "AND json_extract(params_json, '$.action') = 'load' ORDER BY id")]
@@ -253,9 +253,36 @@ def loop_steps(project: Path) -> list[dict]:
         end = steps[i + 1]["id"] if i + 1 < len(steps) else 1 << 62
         p = json.loads(s["params_json"])
         inside = [(l["model"], json.loads(l["params_json"]).get("seconds")) for l in loads if s["id"] < l["id"] < end]
+        if s["duration_ms"] is None:  # killed inside this step: until the last operation it started
+            last = conn.execute("SELECT (julianday(MAX(started_at)) - julianday(?)) * 86400000 FROM operations "
+                                "WHERE id > ? AND id < ?", (s["started_at"], s["id"], end)).fetchone()[0]
+            s["duration_ms"] = last or 0
         out.append({"step": p["step"], "seconds": (s["duration_ms"] or 0) / 1000, "gpu_peak_gib": p.get("gpu_peak_gib"),
                     "loads": inside, "status": s["status"]})
-    return out
+    return merge_invocations(out)
+
+
+def merge_invocations(steps: list[dict]) -> list[dict]:
+    """One row per loop step when `flywheel run` ran more than once on the project: a GPU command's time limit
+    killed it and the same command resumed it. Every invocation walks the same plan from its first step
+    (``ingest``), finished steps taking ~0 s, so the i-th step of each invocation is the same step: their
+    seconds and loads add up, the GPU peak is the highest, the status the last one's."""
+    runs: list[list[dict]] = []
+    for step in steps:
+        if step["step"] == "ingest" or not runs:
+            runs.append([])
+        runs[-1].append(step)
+    merged = [dict(s, loads=list(s["loads"])) for s in runs[0]] if runs else []
+    for run in runs[1:]:
+        for i, step in enumerate(run):
+            if i >= len(merged):
+                merged.append(dict(step, loads=list(step["loads"])))
+                continue
+            row = merged[i]
+            peaks = [p for p in (row["gpu_peak_gib"], step["gpu_peak_gib"]) if p is not None]
+            row.update(seconds=row["seconds"] + step["seconds"], gpu_peak_gib=max(peaks) if peaks else None,
+                       loads=row["loads"] + step["loads"], status=step["status"])
+    return merged
 
 
 def unit_times(project: Path, stage: str) -> dict:

@@ -36,3 +36,25 @@ def test_loop_benchmark_runs_the_default_presets_through_the_cli(tmp_path):
     assert rest["report"] and Path(rest["report"][0]).is_file()
     edit = json.loads((tmp_path / "edit.json").read_text())
     assert edit["fast"]["n"] == 1
+
+
+def test_a_loop_resumed_by_a_second_command_is_reported_as_one_run(monkeypatch):
+    """A GPU command's 10-minute limit kills `flywheel run`; the same command resumes it. The report adds each
+    step's two parts instead of listing (and extrapolating) the loop twice."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import loop
+
+    def step(name, seconds, peak=None, loads=(), status="ok"):
+        return {"step": name, "seconds": seconds, "gpu_peak_gib": peak, "loads": list(loads), "status": status}
+
+    first = [step("ingest", 0.5), step("enrich", 0.0), step("caption", 40, 15.1, [("vlm", 14.6)]),
+             step("judge", 100), step("train round 1", 120, 20.0, [("base", 2.0)], status="running")]
+    second = [step("ingest", 0.4), step("enrich", 0.0), step("caption", 0.0), step("judge", 0.0),
+              step("train round 1", 70, 21.5, [("base", 1.9)]), step("generate round 1", 9, 23.0)]
+    merged = loop.merge_invocations(first + second)
+    assert [s["step"] for s in merged] == ["ingest", "enrich", "caption", "judge", "train round 1", "generate round 1"]
+    train = merged[4]
+    assert train["seconds"] == 190 and train["gpu_peak_gib"] == 21.5 and train["status"] == "ok"
+    assert train["loads"] == [("base", 2.0), ("base", 1.9)]
+    assert merged[2]["seconds"] == 40 and merged[2]["gpu_peak_gib"] == 15.1
+    assert loop.merge_invocations(first) == first
