@@ -171,3 +171,22 @@ def test_auto_checkpointing_leaves_a_small_base_uncheckpointed_under_fp8_at_one_
     tr, _ = _model(torch.bfloat16)
     assert 0 < speed.base_parameters(tr) == sum(p.numel() for p in tr.parameters()) + sum(
         b.numel() for b in tr.buffers())
+
+
+def test_samples_render_without_compiling_the_blocks_again():
+    """Training compiles each block for grad mode and the buckets' shapes; a no-grad sample at 1024² would
+    compile them all again (tens of seconds on the GPU) for two images. Samples run the blocks eagerly."""
+    from torch._dynamo.utils import counters
+
+    from flywheel.training import samples
+
+    block = torch.nn.Linear(8, 8)
+    block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False, backend="eager")
+    block(torch.randn(2, 8)).sum().backward()  # the training graph
+    compiled = counters["stats"]["unique_graphs"]
+    with torch.no_grad(), samples.eager():
+        block(torch.randn(3, 8))  # another shape, grad off: a new graph unless eager
+    assert counters["stats"]["unique_graphs"] == compiled
+    with torch.no_grad():
+        block(torch.randn(3, 8))
+    assert counters["stats"]["unique_graphs"] == compiled + 1  # what sampling cost before

@@ -26,7 +26,7 @@ def render(project, family, pipe, transformer, cfg: TrainConfig, text: dict, pro
     guidance = family.sample_guidance
     out = run_dir / "samples"
     out.mkdir(exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), eager():
         for pi, prompt in enumerate(prompts):
             for seed in cfg.sample_seeds:
                 image = sampler(**family.sample_kwargs(text[prompt], text[""], device, transformer.dtype),
@@ -40,6 +40,15 @@ def render(project, family, pipe, transformer, cfg: TrainConfig, text: dict, pro
     caching.release(pipe.vae)
     if was_training:
         transformer.train()
+
+
+def eager():
+    """Run the transformer's compiled blocks eagerly while sampling. Their graphs were compiled for training
+    (grad on, the buckets' shapes); a no-grad sample at another size would compile every block type again
+    (compiling them took ~40 s for klein-base-4B and FLUX.1-dev on the H200) to render a handful of images."""
+    import torch
+
+    return torch.compiler.set_stance("force_eager")
 
 
 def record(project, kind: str, path: Path, run_id: int, step: int, *, meta: dict | None = None,
