@@ -15,7 +15,6 @@ text-to-image model, so it is given the recipe's caption when the recipe has one
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,9 @@ from typing import Any
 from PIL import Image
 
 from flywheel.errors import ConfigError
-from flywheel.models._diffusers_common import generator, load_pipeline, output_size
+from flywheel.models._diffusers_common import generator, output_size
 from flywheel.models.base import EditRequest
-from flywheel.models.editor_options import apply_loras
+from flywheel.models.diffusers_editor import DiffusersEditor, PipelineSpec
 from flywheel.models.hub import read_json
 from flywheel.models.sdxl_inpaint import recipe_text, scene_text
 
@@ -51,10 +50,23 @@ def _depth_model(spec: str, device: str):
     """The depth model, loaded once per process rather than once per edit; the model pool's release clears it
     (``flywheel.models.pool.free_accelerator_memory``)."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES,
+    )
 
-    from flywheel.models.hub import resolve_model
+    from flywheel.errors import ModelLoadError, ModelNotFoundError
+    from flywheel.models.hub import looks_like_path, resolve_model
 
+    hint = ('set [enrich.controlnet] depth_model to a depth-estimation model (hub id or folder), '
+            'e.g. "depth-anything/Depth-Anything-V2-Small-hf"')
+    if looks_like_path(spec) and not Path(spec).expanduser().is_dir():
+        raise ModelNotFoundError(f"depth_model {spec!r}: folder does not exist", hint=hint)
     folder = resolve_model(spec)
+    # Checked before loading: transformers would otherwise load a wrong folder's config and fail deep inside
+    # with a multi-line "Unrecognized configuration class" listing every depth architecture.
+    kind = read_json(folder / "config.json").get("model_type") if (folder / "config.json").exists() else None
+    if kind not in MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES:
+        raise ModelLoadError(f"depth_model {spec!r} is not a depth-estimation model (model_type {kind!r})", hint=hint)
     return (AutoImageProcessor.from_pretrained(folder),
             AutoModelForDepthEstimation.from_pretrained(folder, use_safetensors=True).to(device).eval())
 
@@ -69,30 +81,24 @@ def depth_image(image: Image.Image, spec: str, device: str) -> Image.Image:
         depth = model(**processor(images=image.convert("RGB"), return_tensors="pt").to(device)).predicted_depth
     depth = torch.nn.functional.interpolate(depth[:, None].float(), size=image.size[::-1], mode="bicubic")[0, 0]
     d = depth.cpu().numpy()
-    d = (d - d.min()) / max(float(d.max() - d.min()), 1e-6)
+    # Relative depth has no unit: stretch whatever range the model gives to 0-255 (an absolute floor on the range
+    # flattened small-valued maps to a few grey levels); only a flat map stays black.
+    span = float(d.max() - d.min())
+    d = (d - d.min()) / span if span > 0 else np.zeros_like(d)
     return Image.fromarray(np.stack([(d * 255).astype(np.uint8)] * 3, axis=-1))
 
 
-class SDXLControlNetEditor:
-    def __init__(self, pipe, *, model_id: str, device: str, dtype, cpu_offload: bool, quantization: str,
-                 settings: dict[str, Any], control: dict[str, Any], controlnet: str | None,
-                 loras: list[dict[str, Any]] | None = None):
-        self.pipe = pipe
-        self.model_id = model_id
-        self.device = device
-        self.dtype = dtype
-        self.cpu_offload = cpu_offload
-        self.quantization = quantization
-        self.settings = settings
+class SDXLControlNetEditor(DiffusersEditor):
+    family = "sdxl_controlnet"
+
+    def __init__(self, pipe, *, control: dict[str, Any], controlnet: str | None, **common: Any):
+        super().__init__(pipe, **common)
         self.control = control
         self.controlnet = controlnet
-        self.loras = loras or []
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, model_id: str | None = None, device: str = "cpu",
-                        dtype: str | None = None, cpu_offload: bool = False, quantization: str = "none",
-                        vae_tiling: bool | None = None, loras: Sequence[Mapping[str, Any]] = (),
-                        controlnet: str | None = None, **settings: Any) -> SDXLControlNetEditor:
+    def pipeline(cls, folder: Path, label: str, settings: dict[str, Any], *, device: str,
+                 dtype: str | None) -> PipelineSpec:
         import torch
         from diffusers import (
             ControlNetModel,
@@ -102,7 +108,7 @@ class SDXLControlNetEditor:
 
         from flywheel.models.hub import resolve_model
 
-        folder, label = Path(path), model_id or str(path)
+        controlnet = settings.pop("controlnet", None)
         control = {k: settings.pop(k, v) for k, v in CONTROL_DEFAULTS.items()}
         if control["mode"] not in ("img2img", "txt2img") or control["control"] not in ("canny", "depth"):
             raise ConfigError(f"{label}: mode {control['mode']!r} / control {control['control']!r}",
@@ -124,13 +130,8 @@ class SDXLControlNetEditor:
         # whole route in fp32, 29.3 GiB), and a cast would also undo an fp8-stored UNet.
         pipe_cls = StableDiffusionXLControlNetImg2ImgPipeline if control["mode"] == "img2img" else \
             StableDiffusionXLControlNetPipeline
-        pipe, torch_dtype = load_pipeline(pipe_cls, folder, label=label, device=device,
-                                          dtype=dtype, cpu_offload=cpu_offload, quantization=quantization,
-                                          vae_tiling=vae_tiling, quantize=("unet",), **kwargs)
-        records = apply_loras(pipe, loras, model_id=label, quantization=quantization, dtype=torch_dtype)
-        return cls(pipe, model_id=label, device=device, dtype=torch_dtype, cpu_offload=cpu_offload,
-                   quantization=quantization, settings={**DEFAULTS, **settings}, control=control,
-                   controlnet=None if has_controlnet else controlnet, loras=records)
+        return PipelineSpec(pipe_cls, DEFAULTS, quantize=("unet",), load_kwargs=kwargs,
+                            state={"control": control, "controlnet": None if has_controlnet else controlnet})
 
     def recipe_prompt(self, recipe) -> str:
         """The prompt the pipeline gets for ``recipe`` (recorded with each edit)."""
@@ -161,8 +162,5 @@ class SDXLControlNetEditor:
                                  generator=generator(req.seed, self.device), **images, **opts).images[0])
         return out
 
-    def params(self) -> dict[str, Any]:
-        return {"model": self.model_id, "family": "sdxl_controlnet", "device": self.device, "dtype": str(self.dtype),
-                "cpu_offload": self.cpu_offload, "quantization": self.quantization, **self.settings,
-                **self.control, "controlnet": self.controlnet, "prompt_from": "recipe caption",
-                "loras": [dict(r) for r in self.loras]}
+    def family_params(self) -> dict[str, Any]:
+        return {**self.control, "controlnet": self.controlnet, "prompt_from": "recipe caption"}

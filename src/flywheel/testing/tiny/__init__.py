@@ -23,6 +23,7 @@ _BUILDERS = {
     "build_tiny_sdxl_controlnet": "flywheel.testing.tiny.sdxl",
     "build_tiny_flux_fill": "flywheel.testing.tiny.sdxl",
     "build_tiny_sam": "flywheel.testing.tiny.sam",
+    "build_tiny_depth_anything": "flywheel.testing.tiny.depth",
 }
 __all__ = list(_BUILDERS)
 
