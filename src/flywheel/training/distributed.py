@@ -8,12 +8,17 @@ The design goal is that N ranks with ``batch_size`` B train the same LoRA as one
   and keeps its own contiguous slice (``Ranks.part``), so the draws, and the generator state checkpointed
   after them, are exactly those of the one-process run;
 - each rank's loss is its slice's share of the global mean (slice mean x slice size / global size /
-  accumulation), and after the micro-batches of one optimizer step the LoRA gradients (and the loss) are
-  summed across ranks in one ``all_reduce``: the summed gradient is the one-process gradient, up to float
-  reduction order. Clipping and AdamW then run on identical gradients on every rank, so the LoRAs stay
-  identical without a broadcast per step (one broadcast from rank 0 at the start guards the initial state).
+  accumulation), and the LoRA gradients (and the loss) are summed across ranks (``GradReducer``): in
+  ~25 MB buckets, each sent with an async ``all_reduce`` as soon as the last micro-batch's backward has
+  produced its gradients, so the link works while the backward goes on (earlier micro-batches of gradient
+  accumulation do not communicate). The summed gradient is the one-process gradient, up to float reduction
+  order. Clipping and AdamW then run on identical gradients on every rank, so the LoRAs stay identical
+  without a broadcast per step (one broadcast from rank 0 at the start guards the initial state).
 
-A last, smaller batch of a bucket is split unevenly (a rank can get nothing: it only joins the all_reduce).
+A last, smaller batch of a bucket is split unevenly (a rank can get nothing: it runs no forward and only
+joins every bucket's all_reduce, with zeros, in the same order as the others). One rank alone has nothing
+to sum: ``--gpus 1`` communicates nothing per step.
+
 ``Ranks()`` is one process without a process group: the trainer uses its ``step`` only to accumulate
 batches, and ``training.step.train_step`` otherwise. With one rank and no accumulation ``Ranks.step`` does
 the operations of ``train_step`` in the same order (tested bit for bit: ``--gpus 1`` vs the plain path).
@@ -25,7 +30,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flywheel.errors import ConfigError, NoGPUError
@@ -40,6 +45,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     group: bool = False  # torch.distributed is initialised (the --gpus path, also with one GPU)
+    _reducer: Any = field(default=None, init=False, repr=False, compare=False)  # GradReducer of the LoRA params
 
     @property
     def main(self) -> bool:
@@ -86,8 +92,9 @@ class Ranks:
 
         from flywheel.training.flux_step import sample_sigmas
 
+        reducer = self._reducer_for(params)
         total = None
-        for ids in micro:
+        for i, ids in enumerate(micro):
             batch = make_batch(ids)
             lat = batch.latents
             n = lat.shape[0]
@@ -96,18 +103,20 @@ class Ranks:
             part = self.part(n)
             share = (part.stop - part.start) / n / len(micro)
             if share == 0:
-                continue  # nothing of this batch on this rank: it still joins the all_reduce below
+                continue  # nothing of this batch on this rank: it still joins every bucket's all_reduce below
             if share != 1:
                 batch, noise, sigmas = _slice(batch, part), noise[part], sigmas[part]
             loss = family.loss(transformer, batch, noise, sigmas, guidance=guidance)
             if share != 1:  # the one-process path multiplies by nothing, so its floats are untouched
                 loss = loss * share
-            loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
+            if reducer is not None and i == len(micro) - 1:
+                reducer.arm(total)  # only the last micro-batch's backward sends its buckets as they are ready
+            loss.backward()
         if total is None:
             total = torch.zeros((), device=_device_of(params))
-        if self.group:
-            total = _all_reduce(params, total)
+        if reducer is not None:
+            total = reducer.finish(total)
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
@@ -115,6 +124,19 @@ class Ranks:
         if lr_scheduler is not None:
             lr_scheduler.step()
         return total
+
+    def _reducer_for(self, params: list):
+        """The gradient reducer over ``params`` (made at the first step; its hooks stay on the parameters), or
+        None when there is nothing to sum: no process group, or one rank."""
+        if not self.group or self.world == 1 or not params:
+            return None
+        if self._reducer is None or not self._reducer.covers(params):
+            from flywheel.training.reducer import GradReducer
+
+            if self._reducer is not None:
+                self._reducer.remove()
+            self._reducer = GradReducer(params)
+        return self._reducer
 
 
 def micro_batch(cfg) -> int:
@@ -181,19 +203,3 @@ def _slice(batch, part: slice):
 def _device_of(params: list):
     return params[0].device if params else "cpu"
 
-
-def _all_reduce(params: list, total):
-    """Sum the LoRA gradients and the loss over the ranks in one collective (a rank without items in this
-    step sends zeros); the results are identical on every rank."""
-    import torch
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [total.reshape(1).float()])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-        offset += n
-    return flat[offset]
