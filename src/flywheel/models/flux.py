@@ -81,6 +81,9 @@ def _generators(seeds: list[int], device: str) -> list:
 class _FluxBase:
     """LoRA handling shared by both FLUX pipelines (their diffusers LoRA mixin is the same)."""
 
+    # Said when a LoRA does not load: which LoRAs this family takes (a subclass for another family names its own).
+    lora_hint = "is it a FLUX.1 LoRA (diffusers or kohya keys) trained on FLUX.1-dev or this base?"
+
     def __init__(self, pipe, model_id: str, *, device: str, dtype: Any, cpu_offload: bool, quantization: str,
                  defaults: dict[str, Any]):
         self.pipe = pipe
@@ -103,9 +106,10 @@ class _FluxBase:
         try:
             self.pipe.load_lora_weights(str(p.parent if p.is_file() else p), adapter_name=name, use_safetensors=True,
                                         **kwargs)
-        except (ValueError, KeyError, OSError) as err:
-            raise ModelLoadError(f"cannot load LoRA {p} into {self.model_id}: {err}",
-                                 hint="is it a FLUX.1 LoRA (diffusers or kohya keys) trained on this base?") from err
+        except (ValueError, KeyError, OSError, RuntimeError) as err:  # RuntimeError: a LoRA of other layer sizes
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]  # torch lists every mismatch
+            detail = " ".join(lines[:2]) + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+            raise ModelLoadError(f"cannot load LoRA {p} into {self.model_id}: {detail}", hint=self.lora_hint) from err
         if self.quantization == "fp8":  # peft gives new LoRA layers the base weights' dtype: fp8 cannot matmul
             for param_name, param in self.pipe.transformer.named_parameters():
                 if "lora_" in param_name:

@@ -18,6 +18,9 @@ DEFAULTS: dict[str, Any] = {"num_inference_steps": 4, "guidance_scale": 1.0, "ma
 
 
 class Flux2KleinTextToImage(FluxTextToImage):
+    lora_hint = ("is it a FLUX.2 klein LoRA (diffusers, kohya or ComfyUI keys) trained on the klein base of this "
+                 "size (FLUX.2-klein-base-4B for klein 4B, FLUX.2-klein-base-9B for 9B)?")
+
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, model_id: str | None = None, dtype=None,
                         device: str | None = None, cpu_offload: bool = False, quantization: str = "none",
