@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from flywheel.models._diffusers_common import generator, load_pipeline, output_size
+from flywheel.models._diffusers_common import generator, output_size
 from flywheel.models.base import EditRequest
-from flywheel.models.editor_options import apply_loras
+from flywheel.models.diffusers_editor import DiffusersEditor, PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -25,33 +24,16 @@ DEFAULTS: dict[str, Any] = {"num_inference_steps": 20, "guidance_scale": 7.5, "i
                             "max_area": 512 * 512, "batch_size": 4}
 
 
-class InstructPix2PixEditor:
-    def __init__(self, pipe, *, model_id: str, device: str, dtype, cpu_offload: bool, quantization: str,
-                 settings: dict[str, Any], loras: list[dict[str, Any]] | None = None):
-        self.pipe = pipe
-        self.model_id = model_id
-        self.device = device
-        self.dtype = dtype
-        self.cpu_offload = cpu_offload
-        self.quantization = quantization
-        self.settings = settings
-        self.loras = loras or []
+class InstructPix2PixEditor(DiffusersEditor):
+    family = "instruct_pix2pix"
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, model_id: str | None = None, device: str = "cpu",
-                        dtype: str | None = None, cpu_offload: bool = False, quantization: str = "none",
-                        vae_tiling: bool | None = None, loras: Sequence[Mapping[str, Any]] = (),
-                        **settings: Any) -> InstructPix2PixEditor:
+    def pipeline(cls, folder: Path, label: str, settings: dict[str, Any], *, device: str,
+                 dtype: str | None) -> PipelineSpec:
         from diffusers import StableDiffusionInstructPix2PixPipeline
 
-        label = model_id or str(path)
-        pipe, torch_dtype = load_pipeline(StableDiffusionInstructPix2PixPipeline, Path(path), label=label,
-                                          device=device, dtype=dtype, cpu_offload=cpu_offload,
-                                          quantization=quantization, vae_tiling=vae_tiling, quantize=("unet",),
-                                          safety_checker=None, requires_safety_checker=False)
-        records = apply_loras(pipe, loras, model_id=label, quantization=quantization, dtype=torch_dtype)
-        return cls(pipe, model_id=label, device=device, dtype=torch_dtype, cpu_offload=cpu_offload,
-                   quantization=quantization, settings={**DEFAULTS, **settings}, loras=records)
+        return PipelineSpec(StableDiffusionInstructPix2PixPipeline, DEFAULTS, quantize=("unet",),
+                            load_kwargs={"safety_checker": None, "requires_safety_checker": False})
 
     def edit(self, requests: list[EditRequest]) -> list[Image.Image]:
         opts = dict(self.settings)
@@ -72,8 +54,3 @@ class InstructPix2PixEditor:
                 for i, im in zip(chunk, images):
                     out[i] = im
         return out  # type: ignore[return-value]
-
-    def params(self) -> dict[str, Any]:
-        return {"model": self.model_id, "family": "instruct_pix2pix", "device": self.device, "dtype": str(self.dtype),
-                "cpu_offload": self.cpu_offload, "quantization": self.quantization, **self.settings,
-                "loras": [dict(r) for r in self.loras]}
