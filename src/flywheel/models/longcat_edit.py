@@ -17,8 +17,9 @@ from typing import Any
 from PIL import Image
 
 from flywheel.errors import ConfigError
-from flywheel.models._diffusers_common import generator, load_pipeline
+from flywheel.models._diffusers_common import generator
 from flywheel.models.base import EditRequest
+from flywheel.models.diffusers_editor import DiffusersEditor, PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -28,36 +29,22 @@ _UNSUPPORTED = {"loras": "LongCatImageEditPipeline has no LoRA loader", "max_are
                 "true_cfg_scale": "its CFG scale is guidance_scale ([enrich] guidance)"}
 
 
-class LongCatEditor:
+class LongCatEditor(DiffusersEditor):
+    family = "longcat_edit"
+    takes_loras = False
     max_references = 0  # one image per edit
 
-    def __init__(self, pipe, *, model_id: str, device: str, dtype, cpu_offload: bool, quantization: str,
-                 settings: dict[str, Any]):
-        self.pipe = pipe
-        self.model_id = model_id
-        self.device = device
-        self.dtype = dtype
-        self.cpu_offload = cpu_offload
-        self.quantization = quantization
-        self.settings = settings
-
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, model_id: str | None = None, device: str = "cpu",
-                        dtype: str | None = None, cpu_offload: bool = False, quantization: str = "none",
-                        vae_tiling: bool | None = None, **settings: Any) -> LongCatEditor:
+    def pipeline(cls, folder: Path, label: str, settings: dict[str, Any], *, device: str,
+                 dtype: str | None) -> PipelineSpec:
         from diffusers import LongCatImageEditPipeline
 
-        label = model_id or str(path)
         for key, why in _UNSUPPORTED.items():
             if settings.get(key):  # an empty LoRA list or None is nothing to honour
                 raise ConfigError(f"{label}: LongCat-Image-Edit does not take {key} ({why})",
                                   hint=f"remove {key} from [enrich] (or the preset) for this editor")
             settings.pop(key, None)
-        pipe, torch_dtype = load_pipeline(LongCatImageEditPipeline, Path(path), label=label, device=device, dtype=dtype,
-                                          cpu_offload=cpu_offload, quantization=quantization, vae_tiling=vae_tiling,
-                                          quantize=("transformer", "text_encoder"))
-        return cls(pipe, model_id=label, device=device, dtype=torch_dtype, cpu_offload=cpu_offload,
-                   quantization=quantization, settings={**DEFAULTS, **settings})
+        return PipelineSpec(LongCatImageEditPipeline, DEFAULTS, quantize=("transformer", "text_encoder"))
 
     def edit(self, requests: list[EditRequest]) -> list[Image.Image]:
         """One edited image per request, same order (one call each: the pipeline takes one source image)."""
@@ -68,7 +55,3 @@ class LongCatEditor:
             log.debug("%s takes one image per edit; reference images are unused", self.model_id)
         return [self.pipe(image=r.image.convert("RGB"), prompt=r.prompt, generator=generator(r.seed, self.device),
                           **opts).images[0] for r in requests]
-
-    def params(self) -> dict[str, Any]:
-        return {"model": self.model_id, "family": "longcat_edit", "device": self.device, "dtype": str(self.dtype),
-                "cpu_offload": self.cpu_offload, "quantization": self.quantization, **self.settings}
