@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from flywheel.models._diffusers_common import generator, load_pipeline, output_size
+from flywheel.models._diffusers_common import generator, output_size
 from flywheel.models.base import EditRequest
-from flywheel.models.editor_options import apply_loras, set_scheduler_shift
+from flywheel.models.diffusers_editor import DiffusersEditor, PipelineSpec
+from flywheel.models.editor_options import set_scheduler_shift
 from flywheel.models.hub import read_json
 
 log = logging.getLogger(__name__)
@@ -52,19 +52,12 @@ def pipeline_prompt(prompt: str, n_references: int) -> str:
     return REFERENCE_PROMPT.format(prompt=prompt, **words)
 
 
-class QwenImageEditor:
-    def __init__(self, pipe, *, model_id: str, device: str, dtype, plus: bool, cpu_offload: bool,
-                 quantization: str, settings: dict[str, Any], loras: list[dict[str, Any]] | None = None,
-                 scheduler_shift: float | None = None):
-        self.pipe = pipe
-        self.model_id = model_id
-        self.device = device
-        self.dtype = dtype
+class QwenImageEditor(DiffusersEditor):
+    family = "qwen_image_edit"
+
+    def __init__(self, pipe, *, plus: bool, scheduler_shift: float | None = None, **common: Any):
+        super().__init__(pipe, **common)
         self.plus = plus
-        self.cpu_offload = cpu_offload
-        self.quantization = quantization
-        self.settings = settings
-        self.loras = loras or []
         self.scheduler_shift = scheduler_shift
 
     @property
@@ -72,25 +65,19 @@ class QwenImageEditor:
         return int(self.settings["max_references"]) if self.plus else 0
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, model_id: str | None = None, device: str = "cpu",
-                        dtype: str | None = None, cpu_offload: bool = False, quantization: str = "none",
-                        vae_tiling: bool | None = None, loras: Sequence[Mapping[str, Any]] = (),
-                        scheduler_shift: float | None = None, **settings: Any) -> QwenImageEditor:
+    def pipeline(cls, folder: Path, label: str, settings: dict[str, Any], *, device: str,
+                 dtype: str | None) -> PipelineSpec:
         from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 
-        folder = Path(path)
         plus = read_json(folder / "model_index.json").get("_class_name") == "QwenImageEditPlusPipeline"
-        pipe_cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
-        label = model_id or str(folder)
-        pipe, torch_dtype = load_pipeline(pipe_cls, folder, label=label, device=device, dtype=dtype,
-                                          cpu_offload=cpu_offload, quantization=quantization, vae_tiling=vae_tiling,
-                                          quantize=("transformer", "text_encoder"))
-        if scheduler_shift:
-            set_scheduler_shift(pipe, scheduler_shift)
-        records = apply_loras(pipe, loras, model_id=label, quantization=quantization, dtype=torch_dtype)
-        return cls(pipe, model_id=label, device=device, dtype=torch_dtype, plus=plus, cpu_offload=cpu_offload,
-                   quantization=quantization, settings={**DEFAULTS, **settings}, loras=records,
-                   scheduler_shift=scheduler_shift)
+        return PipelineSpec(QwenImageEditPlusPipeline if plus else QwenImageEditPipeline, DEFAULTS,
+                            quantize=("transformer", "text_encoder"),
+                            state={"plus": plus, "scheduler_shift": settings.pop("scheduler_shift", None)})
+
+    @classmethod
+    def loaded(cls, pipe, spec: PipelineSpec) -> None:
+        if spec.state["scheduler_shift"]:
+            set_scheduler_shift(pipe, spec.state["scheduler_shift"])
 
     def pipeline_prompt(self, prompt: str, n_references: int) -> str:
         """What the pipeline is given for ``prompt`` with ``n_references`` references (recorded by enrich)."""
@@ -136,7 +123,5 @@ class QwenImageEditor:
                 out[i] = im
         return out  # type: ignore[return-value]
 
-    def params(self) -> dict[str, Any]:
-        return {"model": self.model_id, "family": "qwen_image_edit", "plus": self.plus, "device": self.device,
-                "dtype": str(self.dtype), "cpu_offload": self.cpu_offload, "quantization": self.quantization,
-                **self.settings, "scheduler_shift": self.scheduler_shift, "loras": [dict(r) for r in self.loras]}
+    def family_params(self) -> dict[str, Any]:
+        return {"plus": self.plus, "scheduler_shift": self.scheduler_shift}
