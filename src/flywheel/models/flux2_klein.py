@@ -18,15 +18,14 @@ Editor LoRAs come in as ``loras`` like the other editors' (``flywheel.models.edi
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from flywheel.models._diffusers_common import generator, load_pipeline, output_size
+from flywheel.models._diffusers_common import generator, output_size
 from flywheel.models.base import EditRequest
-from flywheel.models.editor_options import apply_loras
+from flywheel.models.diffusers_editor import DiffusersEditor, PipelineSpec
 from flywheel.models.hub import read_json
 
 log = logging.getLogger(__name__)
@@ -64,45 +63,28 @@ def _sized(image: Image.Image, max_area: int) -> Image.Image:
     return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
 
 
-class Flux2KleinEditor:
-    def __init__(self, pipe, *, model_id: str, device: str, dtype, kv_cache: bool, distilled: bool,
-                 cpu_offload: bool, quantization: str, settings: dict[str, Any],
-                 loras: list[dict[str, Any]] | None = None):
-        self.pipe = pipe
-        self.model_id = model_id
-        self.device = device
-        self.dtype = dtype
+class Flux2KleinEditor(DiffusersEditor):
+    family = "flux2_klein"
+
+    def __init__(self, pipe, *, kv_cache: bool, distilled: bool, **common: Any):
+        super().__init__(pipe, **common)
         self.kv_cache = kv_cache
         self.distilled = distilled
-        self.cpu_offload = cpu_offload
-        self.quantization = quantization
-        self.settings = settings
-        self.loras = loras or []
 
     @property
     def max_references(self) -> int:
         return int(self.settings["max_references"])
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, model_id: str | None = None, device: str = "cpu",
-                        dtype: str | None = None, cpu_offload: bool = False, quantization: str = "none",
-                        vae_tiling: bool | None = None, loras: Sequence[Mapping[str, Any]] = (),
-                        **settings: Any) -> Flux2KleinEditor:
+    def pipeline(cls, folder: Path, label: str, settings: dict[str, Any], *, device: str,
+                 dtype: str | None) -> PipelineSpec:
         from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
 
-        folder = Path(path)
         index = read_json(folder / "model_index.json")
         kv = index.get("_class_name") == "Flux2KleinKVPipeline"
-        label = model_id or str(folder)
-        pipe, torch_dtype = load_pipeline(Flux2KleinKVPipeline if kv else Flux2KleinPipeline, folder, label=label,
-                                          device=device, dtype=dtype, cpu_offload=cpu_offload,
-                                          quantization=quantization, vae_tiling=vae_tiling,
-                                          quantize=("transformer", "text_encoder"))
-        records = apply_loras(pipe, loras, model_id=label, quantization=quantization, dtype=torch_dtype)
-        distilled = bool(index.get("is_distilled", kv))
-        return cls(pipe, model_id=label, device=device, dtype=torch_dtype, kv_cache=kv, distilled=distilled,
-                   cpu_offload=cpu_offload, quantization=quantization, settings={**DEFAULTS, **settings},
-                   loras=records)
+        return PipelineSpec(Flux2KleinKVPipeline if kv else Flux2KleinPipeline, DEFAULTS,
+                            quantize=("transformer", "text_encoder"),
+                            state={"kv_cache": kv, "distilled": bool(index.get("is_distilled", kv))})
 
     def pipeline_prompt(self, prompt: str, n_references: int) -> str:
         """What the pipeline is given for ``prompt`` with ``n_references`` references (recorded by enrich)."""
@@ -125,8 +107,5 @@ class Flux2KleinEditor:
             out.append(result.images[0])
         return out
 
-    def params(self) -> dict[str, Any]:
-        return {"model": self.model_id, "family": "flux2_klein", "kv_cache": self.kv_cache,
-                "distilled": self.distilled, "device": self.device, "dtype": str(self.dtype),
-                "cpu_offload": self.cpu_offload, "quantization": self.quantization, **self.settings,
-                "loras": [dict(r) for r in self.loras]}
+    def family_params(self) -> dict[str, Any]:
+        return {"kv_cache": self.kv_cache, "distilled": self.distilled}
