@@ -17,15 +17,14 @@ failed mask (no person found) is rejected by the judge instead of passing as an 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from flywheel.models._diffusers_common import generator, load_pipeline, output_size
+from flywheel.models._diffusers_common import generator, output_size
 from flywheel.models.base import EditRequest
-from flywheel.models.editor_options import apply_loras
+from flywheel.models.diffusers_editor import DiffusersEditor, PipelineSpec
 from flywheel.models.subject_mask import (
     composite_back,
     feathered_alpha,
@@ -58,38 +57,25 @@ def recipe_text(request: EditRequest) -> str:
     return scene_text(request.recipe, request.prompt)
 
 
-class InpaintEditor:
-    def __init__(self, pipe, *, model_id: str, family: str, device: str, dtype, cpu_offload: bool,
-                 quantization: str, settings: dict[str, Any], mask: dict[str, Any],
-                 loras: list[dict[str, Any]] | None = None):
-        self.pipe = pipe
-        self.model_id = model_id
+class InpaintEditor(DiffusersEditor):
+    family = "sdxl_inpaint"  # or "flux_fill", per instance
+
+    def __init__(self, pipe, *, family: str, mask: dict[str, Any], **common: Any):
+        super().__init__(pipe, **common)
         self.family = family
-        self.device = device
-        self.dtype = dtype
-        self.cpu_offload = cpu_offload
-        self.quantization = quantization
-        self.settings = settings
         self.mask = mask
-        self.loras = loras or []
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, model_id: str | None = None, family: str = "sdxl_inpaint",
-                        device: str = "cpu", dtype: str | None = None, cpu_offload: bool = False,
-                        quantization: str = "none", vae_tiling: bool | None = None,
-                        loras: Sequence[Mapping[str, Any]] = (), **settings: Any) -> InpaintEditor:
+    def pipeline(cls, folder: Path, label: str, settings: dict[str, Any], *, device: str,
+                 dtype: str | None) -> PipelineSpec:
         import diffusers
 
-        label = model_id or str(path)
+        family = settings.pop("family", "sdxl_inpaint")
         flux = family == "flux_fill"
-        cls_ = diffusers.FluxFillPipeline if flux else diffusers.StableDiffusionXLInpaintPipeline
-        pipe, torch_dtype = load_pipeline(cls_, Path(path), label=label, device=device, dtype=dtype,
-                                          cpu_offload=cpu_offload, quantization=quantization, vae_tiling=vae_tiling,
-                                          quantize=("transformer",) if flux else ("unet",))
-        records = apply_loras(pipe, loras, model_id=label, quantization=quantization, dtype=torch_dtype)
         mask = {k: settings.pop(k, v) for k, v in MASK_DEFAULTS.items()}
-        return cls(pipe, model_id=label, family=family, device=device, dtype=torch_dtype, cpu_offload=cpu_offload,
-                   quantization=quantization, settings={**DEFAULTS[family], **settings}, mask=mask, loras=records)
+        return PipelineSpec(diffusers.FluxFillPipeline if flux else diffusers.StableDiffusionXLInpaintPipeline,
+                            DEFAULTS[family], quantize=("transformer",) if flux else ("unet",),
+                            state={"family": family, "mask": mask})
 
     def recipe_prompt(self, recipe) -> str:
         """The prompt the pipeline gets for ``recipe`` (recorded with each edit)."""
@@ -122,7 +108,5 @@ class InpaintEditor:
             out.append(image)
         return out
 
-    def params(self) -> dict[str, Any]:
-        return {"model": self.model_id, "family": self.family, "device": self.device, "dtype": str(self.dtype),
-                "cpu_offload": self.cpu_offload, "quantization": self.quantization, **self.settings,
-                "mask": dict(self.mask), "prompt_from": "recipe caption", "loras": [dict(r) for r in self.loras]}
+    def family_params(self) -> dict[str, Any]:
+        return {"mask": dict(self.mask), "prompt_from": "recipe caption"}
