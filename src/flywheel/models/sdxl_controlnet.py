@@ -15,7 +15,6 @@ text-to-image model, so it is given the recipe's caption when the recipe has one
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,9 @@ from typing import Any
 from PIL import Image
 
 from flywheel.errors import ConfigError
-from flywheel.models._diffusers_common import generator, load_pipeline, output_size
+from flywheel.models._diffusers_common import generator, output_size
 from flywheel.models.base import EditRequest
-from flywheel.models.editor_options import apply_loras
+from flywheel.models.diffusers_editor import DiffusersEditor, PipelineSpec
 from flywheel.models.hub import read_json
 from flywheel.models.sdxl_inpaint import recipe_text, scene_text
 
@@ -89,26 +88,17 @@ def depth_image(image: Image.Image, spec: str, device: str) -> Image.Image:
     return Image.fromarray(np.stack([(d * 255).astype(np.uint8)] * 3, axis=-1))
 
 
-class SDXLControlNetEditor:
-    def __init__(self, pipe, *, model_id: str, device: str, dtype, cpu_offload: bool, quantization: str,
-                 settings: dict[str, Any], control: dict[str, Any], controlnet: str | None,
-                 loras: list[dict[str, Any]] | None = None):
-        self.pipe = pipe
-        self.model_id = model_id
-        self.device = device
-        self.dtype = dtype
-        self.cpu_offload = cpu_offload
-        self.quantization = quantization
-        self.settings = settings
+class SDXLControlNetEditor(DiffusersEditor):
+    family = "sdxl_controlnet"
+
+    def __init__(self, pipe, *, control: dict[str, Any], controlnet: str | None, **common: Any):
+        super().__init__(pipe, **common)
         self.control = control
         self.controlnet = controlnet
-        self.loras = loras or []
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, model_id: str | None = None, device: str = "cpu",
-                        dtype: str | None = None, cpu_offload: bool = False, quantization: str = "none",
-                        vae_tiling: bool | None = None, loras: Sequence[Mapping[str, Any]] = (),
-                        controlnet: str | None = None, **settings: Any) -> SDXLControlNetEditor:
+    def pipeline(cls, folder: Path, label: str, settings: dict[str, Any], *, device: str,
+                 dtype: str | None) -> PipelineSpec:
         import torch
         from diffusers import (
             ControlNetModel,
@@ -118,7 +108,7 @@ class SDXLControlNetEditor:
 
         from flywheel.models.hub import resolve_model
 
-        folder, label = Path(path), model_id or str(path)
+        controlnet = settings.pop("controlnet", None)
         control = {k: settings.pop(k, v) for k, v in CONTROL_DEFAULTS.items()}
         if control["mode"] not in ("img2img", "txt2img") or control["control"] not in ("canny", "depth"):
             raise ConfigError(f"{label}: mode {control['mode']!r} / control {control['control']!r}",
@@ -140,13 +130,8 @@ class SDXLControlNetEditor:
         # whole route in fp32, 29.3 GiB), and a cast would also undo an fp8-stored UNet.
         pipe_cls = StableDiffusionXLControlNetImg2ImgPipeline if control["mode"] == "img2img" else \
             StableDiffusionXLControlNetPipeline
-        pipe, torch_dtype = load_pipeline(pipe_cls, folder, label=label, device=device,
-                                          dtype=dtype, cpu_offload=cpu_offload, quantization=quantization,
-                                          vae_tiling=vae_tiling, quantize=("unet",), **kwargs)
-        records = apply_loras(pipe, loras, model_id=label, quantization=quantization, dtype=torch_dtype)
-        return cls(pipe, model_id=label, device=device, dtype=torch_dtype, cpu_offload=cpu_offload,
-                   quantization=quantization, settings={**DEFAULTS, **settings}, control=control,
-                   controlnet=None if has_controlnet else controlnet, loras=records)
+        return PipelineSpec(pipe_cls, DEFAULTS, quantize=("unet",), load_kwargs=kwargs,
+                            state={"control": control, "controlnet": None if has_controlnet else controlnet})
 
     def recipe_prompt(self, recipe) -> str:
         """The prompt the pipeline gets for ``recipe`` (recorded with each edit)."""
@@ -177,8 +162,5 @@ class SDXLControlNetEditor:
                                  generator=generator(req.seed, self.device), **images, **opts).images[0])
         return out
 
-    def params(self) -> dict[str, Any]:
-        return {"model": self.model_id, "family": "sdxl_controlnet", "device": self.device, "dtype": str(self.dtype),
-                "cpu_offload": self.cpu_offload, "quantization": self.quantization, **self.settings,
-                **self.control, "controlnet": self.controlnet, "prompt_from": "recipe caption",
-                "loras": [dict(r) for r in self.loras]}
+    def family_params(self) -> dict[str, Any]:
+        return {**self.control, "controlnet": self.controlnet, "prompt_from": "recipe caption"}
