@@ -173,7 +173,8 @@ def free():
 def variant_config(spec: str):
     """A [train] config from a variant spec: 'default' (TrainConfig's defaults, what `flywheel train` runs)
     plus '+'-joined overrides: bf16 | fp8 (fp8-stored base, bf16 matmuls) | fp8mm (fp8 matmuls); ckptN
-    (checkpoint every N-th block, 0 = none); compile | eager; budgetX (activation_memory_budget); attn=NAME;
+    (checkpoint every N-th block, 0 = none); compile | eager; dyn (compile_dynamic: one graph for all shapes);
+    budgetX (activation_memory_budget); attn=NAME;
     nofused. Returns (TrainConfig, base quantization as stored before speed.apply)."""
     from flywheel.config import TrainConfig
 
@@ -188,6 +189,8 @@ def variant_config(spec: str):
             over.update(gradient_checkpointing=n > 0, checkpoint_every_n_blocks=max(n, 1))
         elif tok in ("compile", "eager"):
             over["compile"] = tok == "compile"
+        elif tok == "dyn":
+            over["compile_dynamic"] = True
         elif tok.startswith("budget"):
             over["activation_memory_budget"] = float(tok[6:])
         elif tok.startswith("attn="):

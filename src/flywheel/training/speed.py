@@ -115,7 +115,8 @@ def apply(transformer, cfg, device: str, *, base_quantize: str = "none") -> Appl
     if cfg.compile and not cuda:
         skip("compile", f"torch.compile of the blocks runs on CUDA only ({device!r})")
     done.checkpointed_blocks, done.compiled_blocks = wrap_blocks(
-        transformer, every, compile=compile_, activation_memory_budget=cfg.activation_memory_budget)
+        transformer, every, compile=compile_, activation_memory_budget=cfg.activation_memory_budget,
+        dynamic=cfg.compile_dynamic)
     log.info("training speed options: %s", done)
     return done
 
@@ -148,12 +149,14 @@ def base_parameters(transformer) -> int:
     return sum(t.numel() for t in transformer.parameters()) + sum(t.numel() for t in transformer.buffers())
 
 
-def wrap_blocks(transformer, every: int, *, compile: bool = False, activation_memory_budget: float = 1.0):
+def wrap_blocks(transformer, every: int, *, compile: bool = False, activation_memory_budget: float = 1.0,
+                dynamic: bool = False, backend: str = "inductor"):
     """Each block's forward: compiled (``torch.compile``, regional: identical blocks share one graph), then
     checkpointed on every ``every``-th block (1 = all, 2 = half, 0 = none: recompute that block's forward in
     the backward instead of keeping its activations). Checkpointing wraps the compiled forward, not the
-    reverse: dynamo compiles no frame that starts inside torch.utils.checkpoint. Returns (checkpointed,
-    compiled) block counts."""
+    reverse: dynamo compiles no frame that starts inside torch.utils.checkpoint. ``dynamic``: one graph with a
+    symbolic sequence length for every bucket shape, instead of a static graph per shape (faster kernels, but
+    each new shape compiles again). Returns (checkpointed, compiled) block counts."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
@@ -166,7 +169,7 @@ def wrap_blocks(transformer, every: int, *, compile: bool = False, activation_me
     for i, block in enumerate(blocks(transformer)):
         fwd = block.forward
         if compile:
-            fwd = torch.compile(fwd, fullgraph=FULLGRAPH, dynamic=False)
+            fwd = torch.compile(fwd, fullgraph=FULLGRAPH, dynamic=dynamic, backend=backend)
             compiled += 1
         if every and i % every == 0:
             fwd = functools.partial(checkpoint, fwd, use_reentrant=False)
