@@ -80,8 +80,8 @@ def kontext_editor(device: str, tiny: bool, args):
     settings = {**KONTEXT_DEFAULTS, "num_inference_steps": args.steps or KONTEXT_DEFAULTS["num_inference_steps"]}
     if tiny:
         settings.update(auto_resize=False, max_sequence_length=32)
-    return FluxKontextEditor(pipe, "FLUX.1-Kontext-dev size, random weights" if not tiny else "tiny kontext",
-                             device=device, dtype=dtype, cpu_offload=False, quantization="none", defaults=settings)
+    return FluxKontextEditor(pipe, model_id="FLUX.1-Kontext-dev size, random weights" if not tiny else "tiny kontext",
+                             device=device, dtype=dtype, cpu_offload=False, quantization="none", settings=settings)
 
 
 def qwen_editor(device: str, tiny: bool, args):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from PIL import Image
 
 from flywheel.errors import ModelLoadError, ModelNotFoundError
 from flywheel.models.base import EditRequest, TextToImageRequest
+from flywheel.models.diffusers_editor import DiffusersEditor, PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +54,26 @@ def _device_dtype(device: str | None, dtype: Any) -> tuple[str, Any]:
     return device, dtype
 
 
-def _load_pipeline(cls, path_or_id, *, dtype, device, cpu_offload, quantization, place: bool = True,
-                   check_precision: str | None = None):
-    """The FLUX folder through the shared diffusers loader (dtype, quantization of the transformer, offload,
-    memory check); ``place=False`` leaves it on the CPU for the trainer, which places components itself."""
-    from flywheel.models._diffusers_common import load_pipeline
+def _locate(path_or_id, *, dtype, device, quantization) -> tuple[str, str, str]:
+    """(folder, device, dtype name) of a FLUX load: the quantization checked, the folder or hub id resolved,
+    "auto" or no device picked, and the dtype FLUX was trained in on a GPU (float32 on a CPU) unless given."""
     from flywheel.models.hub import pick_device
 
     if quantization not in QUANTIZATIONS:
         raise ModelLoadError(f"unknown quantization {quantization!r}", hint=f"use one of {', '.join(QUANTIZATIONS)}")
     source = _resolve(path_or_id)
     device, dtype = _device_dtype(pick_device(device or "auto"), dtype)
-    pipe, dtype = load_pipeline(cls, Path(source), label=source, device=device, dtype=str(dtype).removeprefix("torch."),
+    return source, device, str(dtype).removeprefix("torch.")
+
+
+def _load_pipeline(cls, path_or_id, *, dtype, device, cpu_offload, quantization, place: bool = True,
+                   check_precision: str | None = None):
+    """The FLUX folder through the shared diffusers loader (dtype, quantization of the transformer, offload,
+    memory check); ``place=False`` leaves it on the CPU for the trainer, which places components itself."""
+    from flywheel.models._diffusers_common import load_pipeline
+
+    source, device, dtype_name = _locate(path_or_id, dtype=dtype, device=device, quantization=quantization)
+    pipe, dtype = load_pipeline(cls, Path(source), label=source, device=device, dtype=dtype_name,
                                 cpu_offload=cpu_offload, quantization=quantization, place=place,
                                 check_precision=check_precision)
     return pipe, source, device, dtype
@@ -167,33 +175,42 @@ class FluxTextToImage(_FluxBase):
         return out  # type: ignore[return-value]
 
 
-class FluxKontextEditor(_FluxBase):
+class FluxKontextEditor(DiffusersEditor):
     """FLUX.1 Kontext [dev] instruction editing (ImageEditor protocol). Kontext takes one image per edit.
 
     Editor LoRAs (``loras``: hub files or local .safetensors, e.g. a few-step turbo LoRA) are applied once
     at load time through ``flywheel.models.editor_options`` and recorded in ``params()``.
     """
 
-    editor_loras: Sequence[dict[str, Any]] = ()
-    scheduler_shift: float | None = None
+    family = "flux"
+
+    def __init__(self, pipe, *, scheduler_shift: float | None = None, **common: Any):
+        super().__init__(pipe, **common)
+        self.scheduler_shift = scheduler_shift
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, dtype=None, device: str | None = None, cpu_offload: bool = False,
-                        quantization: str = "none", loras: Sequence[Mapping[str, Any]] = (),
-                        scheduler_shift: float | None = None, **defaults: Any) -> FluxKontextEditor:
+                        quantization: str = "none", **settings: Any) -> FluxKontextEditor:
+        """A folder or hub id (recorded as the resolved folder); ``settings``: the sampler settings (over
+        ``KONTEXT_DEFAULTS``), ``loras`` and ``scheduler_shift``."""
+        source, device, dtype = _locate(path_or_id, dtype=dtype, device=device, quantization=quantization)
+        return super().from_pretrained(source, device=device, dtype=dtype, cpu_offload=cpu_offload,
+                                       quantization=quantization, **settings)
+
+    @classmethod
+    def pipeline(cls, folder: Path, label: str, settings: dict[str, Any], *, device: str,
+                 dtype: str | None) -> PipelineSpec:
         from diffusers import FluxKontextPipeline
 
-        from flywheel.models.editor_options import apply_loras, set_scheduler_shift
+        return PipelineSpec(FluxKontextPipeline, KONTEXT_DEFAULTS,
+                            state={"scheduler_shift": settings.pop("scheduler_shift", None)})
 
-        pipe, source, device, dtype = _load_pipeline(FluxKontextPipeline, path_or_id, dtype=dtype, device=device,
-                                                     cpu_offload=cpu_offload, quantization=quantization)
-        if scheduler_shift:
-            set_scheduler_shift(pipe, scheduler_shift)
-        editor = cls(pipe, source, device=device, dtype=dtype, cpu_offload=cpu_offload, quantization=quantization,
-                     defaults={**KONTEXT_DEFAULTS, **defaults})
-        editor.editor_loras = apply_loras(pipe, loras, model_id=source, quantization=quantization, dtype=dtype)
-        editor.scheduler_shift = scheduler_shift
-        return editor
+    @classmethod
+    def loaded(cls, pipe, spec: PipelineSpec) -> None:
+        from flywheel.models.editor_options import set_scheduler_shift
+
+        if spec.state["scheduler_shift"]:
+            set_scheduler_shift(pipe, spec.state["scheduler_shift"])
 
     def edit(self, requests: list[EditRequest], *, batch_size: int | None = None) -> list[Image.Image]:
         """One output per request, same order, keeping the source's aspect ratio at ``max_area`` pixels (with
@@ -203,7 +220,7 @@ class FluxKontextEditor(_FluxBase):
         seeded generator."""
         from flywheel.models._diffusers_common import output_size
 
-        opts = dict(self.defaults)
+        opts = dict(self.settings)
         auto_resize = bool(opts.pop("auto_resize", True))
         max_area = opts.pop("max_area", None) or (1024 * 1024 if auto_resize else None)
         if opts.get("true_cfg_scale", 1.0) <= 1.0:
@@ -231,7 +248,9 @@ class FluxKontextEditor(_FluxBase):
                     out[i] = im
         return out  # type: ignore[return-value]
 
+    def family_params(self) -> dict[str, Any]:
+        return {"scheduler_shift": self.scheduler_shift}
+
     def params(self) -> dict[str, Any]:
-        params = super().params()
-        params["loras"] = [dict(lo) for lo in self.editor_loras] + params["loras"]
-        return {**params, "scheduler_shift": self.scheduler_shift}
+        # FLUX rows have always recorded the dtype as "bfloat16", the other editors' as "torch.bfloat16".
+        return {**super().params(), "dtype": str(self.dtype).replace("torch.", "")}
