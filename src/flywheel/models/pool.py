@@ -182,12 +182,10 @@ def _drop_weights(adapter: Any) -> None:
     generator was still allocated when its release was logged (15.0 GiB), and 7.2 GiB of it (the size of its
     transformer) was still there when the next stage loaded its captioner, at a 24 GiB cap. Using an adapter
     after its release is a bug; it fails on the first call instead of silently holding GPU memory."""
-    for name in WEIGHT_ATTRS:
-        if getattr(adapter, name, None) is not None:
-            try:
-                setattr(adapter, name, None)
-            except AttributeError:  # a read-only property (a Ray handle's view): nothing of ours to drop
-                continue
+    held = getattr(adapter, "__dict__", {})  # its own attributes only: a Ray handle forwards any other name
+    for name in WEIGHT_ATTRS:                 # to its (by now closed) replicas
+        if held.get(name) is not None:
+            held[name] = None
 
 
 def load_counts(catalog: Catalog) -> dict[str, int]:
