@@ -143,7 +143,7 @@ def test_parameter_count_comes_from_safetensors_headers(tiny_vlm, tiny_vlm_dir):
 def test_tiny_preset_builds_once_into_the_cache_and_settings_layer(tmp_path, monkeypatch):
     monkeypatch.setenv("FLYWHEEL_CACHE", str(tmp_path / "cache"))
     vlm = load_vlm("tiny")
-    folder = tmp_path / "cache" / "tiny" / "tiny-qwen2-vl-v1"
+    folder = tmp_path / "cache" / "tiny" / "tiny-qwen2-vl-v2"
     assert (folder / ".complete").exists() and (folder / "model.safetensors").exists()
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert vlm.params()["max_pixels"] == PRESETS["tiny-qwen2-vl"].settings["max_pixels"]  # preset default

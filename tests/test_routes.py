@@ -180,6 +180,24 @@ def test_sdxl_turbo_controlnet_gets_canny_edges_of_the_source_and_few_steps(peop
         load_editor("tiny-sdxl-turbo-controlnet", strength=0.4).edit([EditRequest(wide, "a beach", seed=1)])
 
 
+def test_the_control_image_shapes_the_controlnet_edit(people, monkeypatch):
+    """The edges reach the picture: the same seeded edit with the source's Canny edges and with blank edges
+    differs (the tiny ControlNet steers like a trained one; a freshly made one would ignore its image)."""
+    import flywheel.models.sdxl_controlnet as cn
+    from flywheel.models import load_editor
+    from flywheel.models.base import EditRequest
+
+    editor = load_editor("tiny-sdxl-turbo-controlnet", strength=1.0, num_inference_steps=2, mode="txt2img")
+    request = EditRequest(people[0], "a beach", seed=1)
+    (edges,) = editor.edit([request])
+    monkeypatch.setattr(cn, "canny_image", lambda image, low, high: Image.new("RGB", image.size))
+    (blank,) = editor.edit([request])
+    (again,) = editor.edit([request])
+    assert np.array_equal(np.asarray(blank), np.asarray(again))  # seeded: any difference is the control's
+    diff = np.abs(np.asarray(edges, dtype=np.int16) - np.asarray(blank, dtype=np.int16)).mean()
+    assert diff > 0.5, diff  # 1.7 here; a freshly made ControlNet: ~0.005
+
+
 def test_sdxl_turbo_controlnet_img2img_keeps_the_dtype_it_was_loaded_in():
     """diffusers' from_pipe casts every component to float32 unless given a dtype: on the H200 the img2img route
     ran SDXL-Turbo + ControlNet in fp32 (29.3 GiB) though the editor said bfloat16."""

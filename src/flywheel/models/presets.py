@@ -27,7 +27,7 @@ ROLE_OF_FAMILY: dict[str, Role] = {
     "sdxl_inpaint": "editor", "flux_fill": "editor", "sdxl_controlnet": "editor",
 }
 # Bumped whenever a tiny builder changes, so stale cached tiny folders are rebuilt, not reused.
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 
 
 @dataclass(frozen=True)

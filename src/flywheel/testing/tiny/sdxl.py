@@ -87,6 +87,15 @@ def build_tiny_sdxl_controlnet(folder: str | Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed + 1)
     unet = _unet(4)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64, 64))
+    # A new ControlNet's connections to the UNet start at zero and its conditioning encoder's default init
+    # fades the image out over its eight convs: the control image would change nothing, where a trained one
+    # steers the picture. Variance-keeping init and random connections let tests see edges and depth act.
+    with torch.no_grad():
+        for conv in controlnet.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 0.2)
     pipe = StableDiffusionXLControlNetPipeline(
         vae=_vae(), text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok, unet=unet,
         controlnet=controlnet, force_zeros_for_empty_prompt=True,
