@@ -86,8 +86,8 @@ def _generators(seeds: list[int], device: str) -> list:
     return [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
 
 
-class _FluxBase:
-    """LoRA handling shared by both FLUX pipelines (their diffusers LoRA mixin is the same)."""
+class FluxTextToImage:
+    """FLUX.1-dev / schnell text-to-image with optional LoRAs (TextToImage protocol)."""
 
     # Said when a LoRA does not load: which LoRAs this family takes (a subclass for another family names its own).
     lora_hint = "is it a FLUX.1 LoRA (diffusers or kohya keys) trained on FLUX.1-dev or this base?"
@@ -142,10 +142,6 @@ class _FluxBase:
             "device": self.device, "cpu_offload": self.cpu_offload, "quantization": self.quantization,
             **self.defaults, "loras": [dict(lo) for lo in self.loras],
         }
-
-
-class FluxTextToImage(_FluxBase):
-    """FLUX.1-dev / schnell text-to-image with optional LoRAs (TextToImage protocol)."""
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, dtype=None, device: str | None = None, cpu_offload: bool = False,
