@@ -17,6 +17,7 @@ memory after loading and the resolved settings), so a run's loads can be counted
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import sys
@@ -195,8 +196,15 @@ def load_counts(catalog: Catalog) -> dict[str, int]:
     return {r["stage"]: int(r["n"]) for r in rows}
 
 
-# functools.lru_cache'd loaders of helper models that a stage's adapter uses but the pool does not hold.
-_MODEL_CACHES = (("flywheel.models.subject_mask", "_sam"), ("flywheel.models.sdxl_controlnet", "_depth_model"))
+_HELPER_MODELS: list = []  # the loaders below; free_accelerator_memory empties them
+
+
+def helper_model(loader):
+    """Decorator: a loader of a helper model an adapter uses but the pool does not hold (SAM masks, depth maps),
+    kept once per process like an ``lru_cache(maxsize=1)``, and dropped with the pool's models on release."""
+    cached = functools.lru_cache(maxsize=1)(loader)
+    _HELPER_MODELS.append(cached)
+    return cached
 
 
 def free_accelerator_memory() -> None:
@@ -209,10 +217,8 @@ def free_accelerator_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and "torch._dynamo" in sys.modules:
         torch.compiler.reset()
-    for module, cached in _MODEL_CACHES:  # helper models cached per process (SAM masks, depth maps)
-        loaded = sys.modules.get(module)
-        if loaded is not None:
-            getattr(loaded, cached).cache_clear()
+    for cached in _HELPER_MODELS:
+        cached.cache_clear()
     gc.collect()
     if torch is not None and torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -15,7 +15,6 @@ text-to-image model, so it is given the recipe's caption when the recipe has one
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from flywheel.models._diffusers_common import generator, output_size
 from flywheel.models.base import EditRequest
 from flywheel.models.diffusers_editor import DiffusersEditor, PipelineSpec
 from flywheel.models.hub import read_json
+from flywheel.models.pool import helper_model
 from flywheel.models.sdxl_inpaint import recipe_text, scene_text
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def canny_image(image: Image.Image, low: int, high: int) -> Image.Image:
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
-@lru_cache(maxsize=1)
+@helper_model
 def _depth_model(spec: str, device: str):
     """The depth model, loaded once per process rather than once per edit; the model pool's release clears it
     (``flywheel.models.pool.free_accelerator_memory``)."""

@@ -14,12 +14,12 @@ transformers, prompted with points, for characters that are not people; a GPU ma
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from typing import Any
 
 from PIL import Image
 
 from flywheel.errors import ConfigError
+from flywheel.models.pool import helper_model
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def subject_probability(image: Image.Image, segmenter: str = "mediapipe", *, sam
     raise ConfigError(f"unknown segmenter {segmenter!r}", hint="use 'mediapipe' (people) or 'sam' (anything)")
 
 
-@lru_cache(maxsize=1)
+@helper_model
 def _sam(spec: str, device: str):
     from transformers import SamModel, SamProcessor
 
