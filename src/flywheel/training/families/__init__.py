@@ -72,6 +72,17 @@ class Family(Protocol):
         """The model that renders this base's LoRAs in generate / evaluate, if not the base itself."""
 
 
+def load_on_cpu(pipeline_cls, base: str, load: Any) -> tuple[Any, str, Any]:
+    """``Family.load`` for a diffusers pipeline class: the base through the one FLUX loader, left on the CPU
+    (the trainer places each component), the memory check at the precision training will hold it in."""
+    from flywheel.models.flux import _load_pipeline
+
+    pipe, source, _, dtype = _load_pipeline(pipeline_cls, base, dtype=load.dtype, device=load.device,
+                                            cpu_offload=load.cpu_offload, quantization="none", place=False,
+                                            check_precision=load.quantize)
+    return pipe, source, dtype
+
+
 def family_for_folder(folder: str | Path) -> Family:
     """The training family of a diffusers base folder, by the pipeline class its model_index.json names."""
     from flywheel.models.hub import read_json

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.training import flux_step, lora_io, targets
+from flywheel.training.families import load_on_cpu
 
 
 class Flux1:
@@ -19,12 +20,7 @@ class Flux1:
     def load(self, base: str, load) -> tuple[Any, str, Any]:
         from diffusers import FluxPipeline
 
-        from flywheel.models.flux import _load_pipeline
-
-        pipe, source, _, dtype = _load_pipeline(FluxPipeline, base, dtype=load.dtype, device=load.device,
-                                                cpu_offload=load.cpu_offload, quantization="none", place=False,
-                                                check_precision=load.quantize)
-        return pipe, source, dtype
+        return load_on_cpu(FluxPipeline, base, load)
 
     def text_encoders(self, pipe) -> list:
         return [pipe.text_encoder, pipe.text_encoder_2]

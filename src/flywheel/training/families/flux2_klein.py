@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.training import lora_io
+from flywheel.training.families import load_on_cpu
 from flywheel.training.flux_step import Batch
 
 # Flux2Transformer2DModel's Linear layers by name ({i}: a block index); tests check it against the tiny twin.
@@ -87,12 +88,7 @@ class Flux2Klein:
     def load(self, base: str, load) -> tuple[Any, str, Any]:
         from diffusers import Flux2KleinPipeline
 
-        from flywheel.models.flux import _load_pipeline
-
-        pipe, source, _, dtype = _load_pipeline(Flux2KleinPipeline, base, dtype=load.dtype, device=load.device,
-                                                cpu_offload=load.cpu_offload, quantization="none", place=False,
-                                                check_precision=load.quantize)
-        return pipe, source, dtype
+        return load_on_cpu(Flux2KleinPipeline, base, load)
 
     def text_encoders(self, pipe) -> list:
         return [pipe.text_encoder]
