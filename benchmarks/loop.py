@@ -15,14 +15,17 @@ Phases (the GPU machine has 64 GB of disk and 10 minutes per command; the repos 
             ``--stock-edits`` edits with the stock preset (40 steps, true CFG 4) in the same process run;
             removes the editor repo afterwards (``--keep`` to keep it)
   ``rest``  build FLUX.1-dev + Qwen2-VL-2B; ``flywheel run`` the same project to the report
-  ``24gb``  link FLUX.1 Kontext to FLUX.1-dev's files; a project on configs/examples/gpu-24gb.toml whose
-            process is capped at 24 GiB (``torch.cuda.set_per_process_memory_fraction``); ``flywheel run``
-  ``klein`` the FLUX.2 klein stack (``--klein-stack``): its edits, one stock edit and ``flywheel run`` in one
-            project, the process capped at ``--cap-gib``
-  ``all``   edit, rest, 24gb in turn
+  ``klein`` the FLUX.2 klein stack (``--klein-stack``, a new project's ``[models] stack``): its edits,
+            ``--stock-edits`` stock edits and ``flywheel run`` in one project, the process capped at
+            ``--cap-gib`` (0: uncapped, the unconstrained profile)
+  ``24gb``  the same on configs/examples/gpu-24gb.toml (the klein4b stack), the process capped at 24 GiB
+            (``torch.cuda.set_per_process_memory_fraction``)
+  ``24gb-flux1``  link FLUX.1 Kontext to FLUX.1-dev's files; a project on configs/examples/gpu-24gb-flux1.toml
+            (fp8 + CPU offload), capped likewise; ``flywheel run``
+  ``all``   edit, rest, 24gb-flux1 in turn (the flux1 stack)
 
-    python benchmarks/loop.py --phase edit && python benchmarks/loop.py --phase rest   # GPU, two commands
-    python benchmarks/loop.py --phase 24gb
+    python benchmarks/loop.py --phase klein --cap-gib 0 && python benchmarks/loop.py --phase 24gb  # klein4b
+    python benchmarks/loop.py --phase edit && python benchmarks/loop.py --phase rest   # flux1, two commands
     python benchmarks/loop.py --tiny --device cpu                                     # CI-sized dry run
 """
 
@@ -44,6 +47,8 @@ import fullsize
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["forest", "sunset", "oil_painting", "left_view", "city_night"]  # 5 x 5 sources = 25 edits
 # What the default run does, for the extrapolation: 5 sources x 5 recipes; 2 x 1000 steps; 50 prompts x 2.
+# The example configs of the capped profiles (configs/examples/).
+EXAMPLES = {"24gb": "gpu-24gb.toml", "24gb-flux1": "gpu-24gb-flux1.toml"}
 DEFAULT_RUN = {"edits": 25, "train_steps": 1000, "rounds": 2, "generations": 100}
 # The CLI, in a process that may cap its own GPU memory first (the 24 GiB profile).
 LAUNCH = ("import os, sys\n"
@@ -71,10 +76,10 @@ def cli(project: Path | None, *args: str, env: dict[str, str], log_file: Path) -
 def config(profile: str, args) -> str:
     """The project's flywheel.toml: the defaults (default profile) or configs/examples/gpu-24gb.toml, with the
     reduced work and the benchmark's own paths."""
-    if profile == "24gb":
-        text = (ROOT / "configs/examples/gpu-24gb.toml").read_text()
+    if profile in EXAMPLES:
+        text = (ROOT / "configs/examples" / EXAMPLES[profile]).read_text()
         head, _, tail = text.partition("[enrich]")
-        text = head + "[enrich]\n" + _drop_keys(tail.split("\n[", 1)[0], {"recipes", "seeds"}) + (
+        text = head + "[enrich]\n" + _drop_keys(tail.split("\n[", 1)[0], {"recipes", "seeds", "references"}) + (
             "\n[" + tail.split("\n[", 1)[1] if "\n[" in tail else "")
         text = _drop_sections(text, ("train", "generate", "evaluate", "loop"))
     elif profile == "klein":
@@ -83,7 +88,7 @@ def config(profile: str, args) -> str:
         text = '[project]\nname = "Benchmark"\ntrigger = "fw_bench"\n[models]\n'
     device = f'\ndevice = "{args.device}"' if args.device != "auto" else ""
     tiny = args.tiny
-    recipes = RECIPES[:args.recipes_24gb if profile == "24gb" else args.recipes]
+    recipes = RECIPES[:args.recipes_24gb if profile == "24gb-flux1" else args.recipes]
     text += """
 [loop]
 rounds = 2
@@ -97,7 +102,7 @@ review = "auto"
         text += f"\n[enrich]\nrecipes = {json.dumps(recipes)}\n"
     if tiny:
         text = text.replace("[enrich]", "[enrich]\nmax_area = 4096\nreferences = 1", 1)
-        text += '\n[caption]\nmax_new_tokens = 8\n[judge]\nmax_new_tokens = 16\n'
+        text = _put(_put(text, "caption", "max_new_tokens = 8"), "judge", "max_new_tokens = 16")
     size = 64 if tiny else 1024
     text += f"""
 [train]
@@ -121,6 +126,12 @@ prompts = {json.dumps([f"a photo of {{trigger}} {p}" for p in ["in a library", "
 seeds_per_prompt = 1
 """
     return text
+
+
+def _put(text: str, section: str, line: str) -> str:
+    """``line`` at the top of ``[section]``, which is added at the end when the text has none."""
+    head = f"\n[{section}]\n"
+    return text.replace(head, head + line + "\n", 1) if head in text else text + head + line + "\n"
 
 
 def _drop_keys(section: str, keys: set[str]) -> str:
@@ -196,35 +207,40 @@ def run_phase(root: Path, cache: Path, profile: str, args, env, log_file) -> dic
         out["build_s"] += fullsize.build_flux_dev(cache, tiny=args.tiny, device=args.build_device)
     if not fullsize.has_repo(cache, fullsize.QWEN2_VL_2B):
         out["build_s"] += fullsize.build_qwen2_vl(cache, tiny=args.tiny, device=args.build_device)
-    if profile == "24gb":
+    if profile == "24gb-flux1":
         fullsize.link_flux_kontext(cache)
         env = {**env, "FLYWHEEL_BENCH_GPU_FRACTION": str(args.cap_gib * 1024**3 / _gpu_total())}
     project = make_project(root, profile, args, env, log_file)
     return {**out, **run_results(project, env, log_file)}
 
 
-def klein_phase(root: Path, cache: Path, args, env, log_file) -> tuple[dict, dict]:
-    """The FLUX.2 klein stack end to end in one project: its fast edits (distilled klein-4B), one stock edit
+def klein_phase(root: Path, cache: Path, profile: str, args, env, log_file) -> tuple[dict, dict]:
+    """The FLUX.2 klein stack end to end in one project: its fast edits (distilled klein-4B), the stock edits
     (klein-base-4B, 50 steps with CFG), then `flywheel run` (klein-base-4B LoRAs, distilled klein renders).
-    The process is capped at --cap-gib (24 by default): this stack is the one meant to fit a 24 GB card."""
+    ``profile``: "klein" (a new project on ``--klein-stack``) or "24gb" (configs/examples/gpu-24gb.toml). The
+    process is capped at --cap-gib (24 by default; 0: uncapped): this stack is the one meant to fit 24 GB."""
     edit: dict = {"build_s": 0.0}
     if not fullsize.has_repo(cache, fullsize.KLEIN_4B):
         edit["build_s"] += fullsize.build_flux2_klein(cache, tiny=args.tiny, device=args.build_device)
+    import tomllib
+
     from flywheel.models.stacks import STACKS
+
+    stack = tomllib.loads(config(profile, args))["models"].get("stack", args.klein_stack)
 
     vlm = {"qwen2-vl-2b": (fullsize.QWEN2_VL_2B, fullsize.build_qwen2_vl),
            "qwen3-vl-8b": (fullsize.QWEN3_VL_8B, fullsize.build_qwen3_vl_8b),
-           "qwen3-vl-4b": (fullsize.QWEN3_VL_4B, fullsize.build_qwen3_vl_4b)}[STACKS[args.klein_stack].captioner]
+           "qwen3-vl-4b": (fullsize.QWEN3_VL_4B, fullsize.build_qwen3_vl_4b)}[STACKS[stack].captioner]
     if not fullsize.has_repo(cache, vlm[0]):
         edit["build_s"] += vlm[1](cache, tiny=args.tiny, device=args.build_device)
     if args.cap_gib and not args.tiny:
         env = {**env, "FLYWHEEL_BENCH_GPU_FRACTION": str(args.cap_gib * 1024**3 / _gpu_total())}
-    project = make_project(root, "klein", args, env, log_file)
+    project = make_project(root, profile, args, env, log_file)
     cli(project, "ingest", str(project / "sources"), env=env, log_file=log_file)
     edit["fast_cli_s"] = cli(project, "enrich", env=env, log_file=log_file)
     edit["fast"] = unit_times(project, "enrich")
     if args.stock_edits:
-        edit.update(stock_edits(root / "project-klein-stock", "klein", "flux2-klein-base-4b-edit", args, env, log_file))
+        edit.update(stock_edits(root / f"project-{profile}-stock", profile, "flux2-klein-base-4b-edit", args, env, log_file))
     return edit, {"build_s": 0.0, **run_results(project, env, log_file)}
 
 
@@ -384,7 +400,7 @@ def extrapolate(run: dict, edit: dict | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=["edit", "rest", "24gb", "klein", "all"], default="all")
+    parser.add_argument("--phase", choices=["edit", "rest", "klein", "24gb", "24gb-flux1", "all"], default="all")
     parser.add_argument("--klein-stack", default="klein4b", help="the [models] stack of the klein phase")
     parser.add_argument("--root", type=Path, default=ROOT / ".bench" / "loop", help="projects, logs, results")
     parser.add_argument("--cache", type=Path, default=None, help="the random-weight hub cache (default: ROOT/hub)")
@@ -392,7 +408,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="[models] device for the projects (cpu with --tiny)")
     parser.add_argument("--sources", type=int, default=5, help="sample sources to use (of 5)")
     parser.add_argument("--recipes", type=int, default=5)
-    parser.add_argument("--recipes-24gb", type=int, default=1, help="recipes in the 24 GiB profile (x 5 sources)")
+    parser.add_argument("--recipes-24gb", type=int, default=1, help="recipes in the 24gb-flux1 profile (x 5 sources)")
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--generate", type=int, default=4, help="prompts for generation (x 2 seeds)")
     parser.add_argument("--eval-prompts", type=int, default=2)
@@ -421,14 +437,17 @@ def main() -> None:
         edit = results.get("edit") or (json.loads(saved.read_text()) if saved.exists() else None)
         results["rest"] = run_phase(root, cache, "default", args, env, log_file)
         report("default profile (unconstrained)", gpu, edit, results["rest"], args)
-    if args.phase in ("24gb", "all"):
-        results["24gb"] = run_phase(root, cache, "24gb", args, env, log_file)
-        report(f"24 GiB profile (configs/examples/gpu-24gb.toml, process capped at {args.cap_gib:g} GiB)", gpu, None,
-               results["24gb"], args)
-    if args.phase == "klein":
-        results["klein_edit"], results["klein"] = klein_phase(root, cache, args, env, log_file)
-        report(f"klein stack '{args.klein_stack}' (process capped at {args.cap_gib:g} GiB)", gpu, results["klein_edit"],
-               results["klein"], args)
+    if args.phase in ("24gb-flux1", "all"):
+        results["24gb-flux1"] = run_phase(root, cache, "24gb-flux1", args, env, log_file)
+        report(f"24 GiB profile, FLUX.1 (configs/examples/{EXAMPLES['24gb-flux1']}, process capped at "
+               f"{args.cap_gib:g} GiB)", gpu, None, results["24gb-flux1"], args)
+    if args.phase in ("klein", "24gb"):
+        profile = args.phase
+        cap = f"process capped at {args.cap_gib:g} GiB" if args.cap_gib else "uncapped"
+        name = (f"klein stack '{args.klein_stack}'" if profile == "klein" else
+                f"24 GiB profile (configs/examples/{EXAMPLES['24gb']})") + f", {cap}"
+        results[f"{profile}_edit"], results[profile] = klein_phase(root, cache, profile, args, env, log_file)
+        report(name, gpu, results[f"{profile}_edit"], results[profile], args)
     if "edit" in results:
         (root / "edit.json").write_text(json.dumps(results["edit"]))
     (root / f"results-{args.phase}.json").write_text(json.dumps({"gpu": gpu, **results}, indent=2, default=str))

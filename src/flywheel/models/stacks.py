@@ -36,7 +36,7 @@ STACKS: dict[str, Stack] = {s.name: s for s in [
           "(FLUX.1-dev is non-commercial; the editor wants an 80 GB card in bf16)"),
     Stack("flux1-kontext", "qwen2-vl-2b", "qwen2-vl-2b", "flux-kontext-dev", "flux-dev", "flux-kontext",
           "FLUX.1 Kontext [dev] edits, FLUX.1-dev LoRAs: both fit 24 GB with fp8 + cpu_offload "
-          "(configs/examples/gpu-24gb.toml); both non-commercial"),
+          "(configs/examples/gpu-24gb-flux1.toml); both non-commercial"),
     # Qwen3-VL-4B, not -8B: on the H200 capped at 24 GiB the 8B captioner ran out of memory at the default
     # vlm_batch_size of 16 (16.3 GiB of weights; docs/performance.md). Set captioner/judge to qwen3-vl-8b on a
     # bigger card.
