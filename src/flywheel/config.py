@@ -209,6 +209,12 @@ class EnrichConfig(Section):
         None, gt=0.0, le=20.0, description="Fixed flow-matching shift (Lightning LoRAs are distilled at 3).")
     loras: list[EditorLora] | None = Field(
         None, description="LoRAs on the editor (replace the preset's); [] = none, not even the preset's.")
+    reference_area: int | None = Field(
+        None, ge=64 * 64, le=4096 * 4096, description="Pixels each reference is resized to (FLUX.2 klein); "
+        "unset = max_area. Smaller references = fewer tokens per step = faster edits.")
+    speed: Literal["none", "compile", "compile-fp8", "auto"] | None = Field(
+        None, description="Editor inference speed: regional torch.compile of the transformer blocks ('compile'; "
+        "'auto' = compile on CUDA only), with torchao fp8 matmuls ('compile-fp8', CUDA 8.9+).")
 
 
 class EvaluateConfig(Section):

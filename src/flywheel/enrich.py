@@ -25,7 +25,7 @@ from flywheel.config import EnrichConfig, ModelsConfig
 from flywheel.enrich_routes import (ROUTE_FAMILY, ROUTE_PRESET, ensure_description, load_route_editor, routed_config,
                                     routes, uses_describe)
 from flywheel.enrich_settings import editor_settings, settings_tag
-from flywheel.enrich_units import done_keys, fail_units, record_unit, start_unit
+from flywheel.enrich_units import Recorder, done_keys, fail_units, start_unit
 from flywheel.errors import ConfigError, ModelOutputError, StageError
 from flywheel.models.base import EditRequest, ImageEditor
 from flywheel.progress import ProgressFn, no_progress
@@ -192,7 +192,7 @@ def _edit_all(project: Project, cfg: EnrichConfig, editor: ImageEditor, units, t
         "backend": cfg.backend, "planned": result.planned, "todo": len(todo), "recipes": cfg.recipes,
         "seeds": cfg.seeds, "batch_size": cfg.batch_size, "references": n_refs,
     }) as run_id:
-        finished, running = result.already_done + len(result.made) + result.identical, {}
+        running = {}
 
         def calls():  # each batch's 'running' rows and inputs, made just before it runs (here or on Ray)
             for batch in batches:
@@ -204,27 +204,32 @@ def _edit_all(project: Project, cfg: EnrichConfig, editor: ImageEditor, units, t
                                         references=[load(i) for i in refs[u.work_key]], recipe=u.recipe) for u in batch]
                 yield (batch, missing, refs, ops), (requests,)
 
+        finished = [result.already_done + len(result.made) + result.identical]
+
+        def recorded(n: int, label: str) -> None:
+            finished[0] += n
+            progress(finished[0], result.planned, label)
+
         try:
-            for out in map_calls(editor, "edit", calls()):
-                (batch, missing, refs, ops), outputs, err = out.item, out.value, out.error
-                running.pop(batch[0].work_key)  # from here on its rows are finished here, or left for a re-run
-                t0 = time.perf_counter() - out.seconds
-                if err is None and len(outputs) != len(batch):
-                    err = ModelOutputError(f"the editor returned {len(outputs)} images for {len(batch)} requests")
-                if isinstance(err, (ModelOutputError, UnitFailed)):  # this batch's inputs are unusable: record, go on
-                    fail_units(project, ops, t0, err)
-                    result.failed.extend((u.work_key, str(err).split("\n")[0]) for u in missing)
-                    log.warning("enrich: %d edit(s) failed: %s", len(missing), str(err).split("\n")[0])
-                elif err is not None:
-                    fail_units(project, ops, t0, err)
-                    raise err
-                else:
-                    ms = int(out.seconds * 1000 / len(batch))
-                    by_key = {u.work_key: image for u, image in zip(batch, outputs)}
-                    for unit, op_id in zip(missing, ops):
-                        record_unit(project, unit, op_id, by_key[unit.work_key], refs[unit.work_key], ms, result)
-                    finished += len(missing)
-                    progress(finished, result.planned, f"edits ({batch[-1].recipe.id})")
+            # Finished batches are stored one behind: the PNG / hashes of one while the editor makes the next.
+            with Recorder(project, result, recorded) as recorder:
+                for out in map_calls(editor, "edit", calls()):
+                    (batch, missing, refs, ops), outputs, err = out.item, out.value, out.error
+                    running.pop(batch[0].work_key)  # from here on its rows are finished here, or left for a re-run
+                    t0 = time.perf_counter() - out.seconds
+                    if err is None and len(outputs) != len(batch):
+                        err = ModelOutputError(f"the editor returned {len(outputs)} images for {len(batch)} requests")
+                    if isinstance(err, (ModelOutputError, UnitFailed)):  # this batch's inputs are unusable: go on
+                        fail_units(project, ops, t0, err)
+                        result.failed.extend((u.work_key, str(err).split("\n")[0]) for u in missing)
+                        log.warning("enrich: %d edit(s) failed: %s", len(missing), str(err).split("\n")[0])
+                    elif err is not None:
+                        fail_units(project, ops, t0, err)
+                        raise err
+                    else:
+                        by_key = {u.work_key: image for u, image in zip(batch, outputs)}
+                        recorder.add(missing, ops, [by_key[u.work_key] for u in missing], refs,
+                                     int(out.seconds * 1000 / len(batch)), f"edits ({batch[-1].recipe.id})")
         except BaseException as err:  # anything else stops the run; a re-run redoes the units not recorded
             for ops in running.values():
                 fail_units(project, ops, time.perf_counter(), err)

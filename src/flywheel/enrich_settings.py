@@ -31,6 +31,12 @@ EDITOR_KEYS: dict[str, tuple[str, frozenset[str]]] = {
     "max_area": ("max_area", _GENERATIVE - {"longcat-image-edit"}),
     "scheduler_shift": ("scheduler_shift", frozenset({"qwen-image-edit", "flux-kontext"})),
     "loras": ("loras", _GENERATIVE - {"longcat-image-edit"}),
+    # Qwen-Image-Edit-Plus resizes every reference to ~1024² itself (diffusers' VAE_IMAGE_SIZE): only klein's
+    # reference tokens follow the size it is given.
+    "reference_area": ("reference_area", frozenset({"flux2-klein"})),
+    # DiffusersEditor families (flywheel.models.editor_speed); the inpainting / ControlNet routes are not tuned.
+    "speed": ("speed", frozenset({"qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit",
+                                  "instruct-pix2pix"})),
 }
 
 
@@ -72,6 +78,8 @@ def editor_settings(cfg: EnrichConfig, base: Path | None = None) -> dict[str, An
             continue
         if cfg.backend not in backends:
             hint = ("Qwen-Image-Edit has no distilled guidance input: use true_cfg" if key == "guidance" else
+                    "Qwen-Image-Edit resizes references to ~1024² itself, whatever size they come in; remove it"
+                    if key == "reference_area" and cfg.backend == "qwen-image-edit" else
                     f"it is read by {', '.join(sorted(backends))}; remove it for backend '{cfg.backend}'")
             raise ConfigError(f"[enrich] {key} does not apply to backend '{cfg.backend}'", hint=hint)
         if key == "loras":

@@ -15,6 +15,10 @@ the ``params()`` keys the catalog records with every edit. A family subclass set
   scheduler shift), ``family_params()`` (keys recorded next to the settings) and an ``__init__`` that takes
   the family's own state (``PipelineSpec.state``) and passes the rest on.
 
+Every family takes the ``speed`` setting (``flywheel.models.editor_speed``: regional torch.compile of the
+denoiser's blocks, optionally with fp8 matmuls), applied after the LoRAs are fused; ``params()`` records it
+and what was applied (``speed_applied``: "auto" resolves per device) when it is set.
+
 The weights live only under ``self.pipe``: ``ModelPool.release`` sets it to None to free them.
 """
 
@@ -43,7 +47,8 @@ class DiffusersEditor:
     takes_loras = True  # False: the pipeline has no LoRA loader, and params() records no "loras"
 
     def __init__(self, pipe, *, model_id: str, device: str, dtype, cpu_offload: bool, quantization: str,
-                 settings: dict[str, Any], loras: list[dict[str, Any]] | None = None):
+                 settings: dict[str, Any], loras: list[dict[str, Any]] | None = None, speed: str = "none",
+                 speed_applied: str = "none"):
         self.pipe = pipe
         self.model_id = model_id
         self.device = device
@@ -52,6 +57,8 @@ class DiffusersEditor:
         self.quantization = quantization
         self.settings = settings
         self.loras = loras or []
+        self.speed = speed
+        self.speed_applied = speed_applied
 
     @classmethod
     def pipeline(cls, folder: Path, label: str, settings: dict[str, Any], *, device: str,
@@ -73,8 +80,14 @@ class DiffusersEditor:
         """
         from flywheel.models._diffusers_common import load_pipeline
         from flywheel.models.editor_options import apply_loras
+        from flywheel.models.editor_speed import SPEEDS, apply_speed
 
         folder, label = Path(path), model_id or str(path)
+        speed = settings.pop("speed", None) or "none"
+        if speed not in SPEEDS:  # before loading many GB
+            from flywheel.errors import ConfigError
+
+            raise ConfigError(f"unknown speed {speed!r} for {label}", hint=f"use one of {', '.join(SPEEDS)}")
         spec = cls.pipeline(folder, label, settings, device=device, dtype=dtype)
         loras = settings.pop("loras", ())
         pipe, torch_dtype = load_pipeline(spec.cls, folder, label=label, device=device, dtype=dtype,
@@ -82,8 +95,11 @@ class DiffusersEditor:
                                           quantize=spec.quantize, **spec.load_kwargs)
         cls.loaded(pipe, spec)
         records = apply_loras(pipe, loras, model_id=label, quantization=quantization, dtype=torch_dtype)
+        applied = apply_speed(pipe, speed, device=device, quantization=quantization, cpu_offload=cpu_offload,
+                              label=label)  # after fusing the LoRAs: the compiled blocks hold the final weights
         return cls(pipe, model_id=label, device=device, dtype=torch_dtype, cpu_offload=cpu_offload,
-                   quantization=quantization, settings={**spec.defaults, **settings}, loras=records, **spec.state)
+                   quantization=quantization, settings={**spec.defaults, **settings}, loras=records, speed=speed,
+                   speed_applied=applied, **spec.state)
 
     def edit(self, requests: list) -> list:
         raise NotImplementedError(f"{type(self).__name__} does not implement edit")
@@ -96,6 +112,8 @@ class DiffusersEditor:
         params = {"model": self.model_id, "family": self.family, "device": self.device, "dtype": str(self.dtype),
                   "cpu_offload": self.cpu_offload, "quantization": self.quantization, **self.settings,
                   **self.family_params()}
+        if self.speed != "none":
+            params.update(speed=self.speed, speed_applied=self.speed_applied)
         if self.takes_loras:
             params["loras"] = [dict(r) for r in self.loras]
         return params

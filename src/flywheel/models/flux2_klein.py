@@ -11,6 +11,10 @@ were not trained for a cache (their reference tokens change with the timestep), 
 stock pipeline.
 
 The pipeline takes one set of images per call, shared by every prompt in it, so edits run one per call.
+``reference_area`` (pixels, default: ``max_area``) sizes the references apart from the edited image: the
+transformer attends over every reference's latent tokens on every step (4096 per 1024² image), so two
+references at 512² (1024 tokens each) cut the sequence from 16k to 6k tokens. Resized references are
+kept per image (enrich hands the same source images over and over), so each is resized once per size.
 Editor LoRAs come in as ``loras`` like the other editors' (``flywheel.models.editor_options``). There is no
 ``scheduler_shift``: the klein pipelines compute their own shift from the image size and the step count.
 """
@@ -18,6 +22,7 @@ Editor LoRAs come in as ``loras`` like the other editors' (``flywheel.models.edi
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,7 @@ from flywheel.models.hub import read_json
 log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {"num_inference_steps": 4, "guidance_scale": 1.0, "max_area": 1024 * 1024,
-                            "max_references": 3}
+                            "max_references": 3, "reference_area": None}
 MIN_SIDE = 64  # Flux2ImageProcessor rejects smaller condition images
 # With references: klein numbers its condition images in the order given (image 1 = the one edited).
 REFERENCE_PROMPT = ("{prompt} Keep the person from image 1 and edit image 1. {refs} the same person, only as "
@@ -70,6 +75,20 @@ class Flux2KleinEditor(DiffusersEditor):
         super().__init__(pipe, **common)
         self.kv_cache = kv_cache
         self.distilled = distilled
+        self._resized: dict[tuple[int, int], tuple[weakref.ref, Image.Image]] = {}
+
+    def _sized_once(self, image: Image.Image, area: int) -> Image.Image:
+        """``_sized(image, area)``, kept while ``image`` lives (checked through a weak reference, so a new
+        image that reuses a freed one's id is resized anew)."""
+        key = (id(image), area)
+        hit = self._resized.get(key)
+        if hit is not None and hit[0]() is image:
+            return hit[1]
+        if len(self._resized) > 64:  # drop entries whose image is gone
+            self._resized = {k: v for k, v in self._resized.items() if v[0]() is not None}
+        out = _sized(image, area)
+        self._resized[key] = (weakref.ref(image), out)
+        return out
 
     @property
     def max_references(self) -> int:
@@ -94,13 +113,14 @@ class Flux2KleinEditor(DiffusersEditor):
         """One edited image per request, same order, sized like the source at about ``max_area`` pixels."""
         opts = dict(self.settings)
         max_area = opts.pop("max_area")
+        ref_area = opts.pop("reference_area", None) or max_area
         opts.pop("max_references")
         if self.kv_cache:  # the KV pipeline is distilled only: it has no guidance input
             opts.pop("guidance_scale", None)
         out = []
         for req in requests:
-            source = _sized(req.image, max_area)
-            refs = [_sized(r, max_area) for r in req.references[:self.max_references]]
+            source = self._sized_once(req.image, max_area)
+            refs = [self._sized_once(r, ref_area) for r in req.references[:self.max_references]]
             result = self.pipe(image=[source, *refs], prompt=pipeline_prompt(req.prompt, len(refs)),
                                width=source.width, height=source.height, generator=generator(req.seed, self.device),
                                **opts)
