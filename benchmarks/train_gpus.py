@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -32,7 +33,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import fullsize
 
+from flywheel.training import step_profile
+
 log = logging.getLogger("benchmarks.train_gpus")
+PROFILED_STEPS = 3
 
 
 def make_project(root: Path, images: int, res: int):
@@ -70,11 +74,19 @@ def measure(project, base: Path, gpus: int, args) -> dict:
     cfg = project.config.train.model_copy(update=overrides)
     cfg = type(cfg).model_validate(cfg.model_dump())  # the overrides validated like flywheel.toml
     stamps: list[float] = []
+    if args.profile:  # read by the process that trains (this one, or rank 0: spawned workers inherit it)
+        os.environ[step_profile.ENV] = step_profile.request(args.profile.resolve() / f"{gpus}.txt",
+                                                            start=args.warmup, steps=PROFILED_STEPS)
     t0 = time.perf_counter()
-    result = train(project, cfg, device=args.device, progress=lambda done, total, label="": stamps.append(
-        time.perf_counter()), force=True)
+    try:
+        result = train(project, cfg, device=args.device, progress=lambda done, total, label="": stamps.append(
+            time.perf_counter()), force=True)
+    finally:
+        os.environ.pop(step_profile.ENV, None)
     wall = time.perf_counter() - t0
     steps = [b - a for a, b in itertools.pairwise(stamps)][max(0, args.warmup - 1):]
+    if args.profile:  # the profiled steps (and the profiler's start and stop) are not timed
+        steps = steps[PROFILED_STEPS + 1:]
     s_step = statistics.median(steps) if steps else float("nan")
     batch = json.loads((result.run_dir / "config.json").read_text())["batch"]
     return {"gpus": gpus, "path": batch["path"], "effective_batch": batch["effective_batch"], "s_step": s_step,
@@ -115,6 +127,10 @@ def main() -> None:
                     help="folder for the model and projects (default: .bench/train_gpus, git-ignored); a second run "
                     "reuses the model built there")
     ap.add_argument("--build-only", action="store_true", help="build the random-weight model in --work and stop")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help=f"profile {PROFILED_STEPS} steps after the warm-up of each --gpus value (rank 0): top ops "
+                    "by self CPU and CUDA time and Python functions by own time, in DIR/<gpus>.txt; those steps "
+                    f"are left out of the timing, so give --steps at least --warmup + {PROFILED_STEPS + 2} more")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     work = args.work.resolve()

@@ -143,8 +143,10 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
     from peft import LoraConfig
 
     from flywheel.models.pool import recorded_load
+    from flywheel.training import step_profile
 
     ranks = ranks or dp.Ranks()  # this process alone, or one rank of --gpus N (training/distributed.py)
+    progress = step_profile.wrap(progress, ranks.rank)  # benchmarks/train_gpus.py --profile: a few steps profiled
     # 2. Load the base pipeline through the shared loader ([models] base role: device, dtype; the memory
     #    check counts the transformer at the precision it trains in). It stays on the CPU: the trainer moves
     #    one part at a time to the GPU. Everything but the LoRA stays frozen.

@@ -22,10 +22,11 @@ import logging
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flywheel.errors import FlywheelError, StageError
+from flywheel.training import process_settings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Spec:
     config: Any           # the parent's Config object (with any in-memory overrides)
     target: str           # "module:function", called as target(project, ..., device=, progress=, ranks=)
     kwargs: dict
+    settings: dict = field(default_factory=dict)  # the parent's process-wide torch settings (training/process_settings.py)
 
 
 def launch(project, target: str, *, gpus: int, backend: str, first_cuda: int, progress: Callable, **kwargs) -> Any:
@@ -49,7 +51,8 @@ def launch(project, target: str, *, gpus: int, backend: str, first_cuda: int, pr
     import torch.multiprocessing as mp
 
     spec = Spec(world=gpus, backend=backend, first_cuda=first_cuda, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                root=str(project.root), config=project.config, target=target, kwargs=kwargs)
+                root=str(project.root), config=project.config, target=target, kwargs=kwargs,
+                settings=process_settings.capture())
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe() for _ in range(gpus)]
     log.info("starting %d training process(es) (%s)", gpus, backend)
@@ -232,12 +235,11 @@ def _worker(rank: int, spec: Spec, conns: list) -> None:
     for other in conns[:rank] + conns[rank + 1:]:  # spawn hands every rank all the pipes: keep only its own
         other.close()
     _forward_logs(conn, rank)
+    process_settings.apply(spec.settings, spec.world)
     device = "cpu"
     if spec.backend == "nccl":
         torch.cuda.set_device(spec.first_cuda + rank)
         device = f"cuda:{spec.first_cuda + rank}"
-    elif spec.world > 1:  # CPU ranks share the cores instead of each taking all of them
-        torch.set_num_threads(max(1, torch.get_num_threads() // spec.world))
     catalog = ParentCatalog(conn) if rank == 0 else NoCatalog(rank)
     project = Project(root=Path(spec.root), config=spec.config, catalog=catalog, store=None)
     module, name = spec.target.split(":")
