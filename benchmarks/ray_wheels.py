@@ -5,9 +5,13 @@ The GPU machine reaches no package index, and what travels with a call is at mos
 web client (``ray/dashboard/client``), so this writes the wheel without them (~44 MB; ``RECORD`` rewritten to
 match). Ray's other needs are in the image except jsonschema and its own dependencies, fetched here too.
 
-    python benchmarks/ray_wheels.py                 # here, then on the GPU machine:
-    python -m pip install --no-deps --no-index .whl/ray-*.whl .whl/jsonschema*.whl .whl/referencing-*.whl \\
-        .whl/rpds_py-*.whl && PYTHONPATH=src python benchmarks/scaling.py --gpus 2
+    python benchmarks/ray_wheels.py                 # here, then on the GPU machine (carry .whl; Python 3.12):
+    python -m pip install --no-deps --no-index --target /tmp/raypkgs .whl/ray-*.whl .whl/jsonschema*.whl \\
+        .whl/referencing-*.whl .whl/rpds_py-*.whl && PYTHONPATH=src:/tmp/raypkgs python benchmarks/scaling.py --gpus 2
+
+Checked on a fresh Python 3.12 venv: the line installs offline, and Ray starts a local cluster and runs a task
+from ``--target`` (its workers inherit ``PYTHONPATH``) once Ray's common dependencies are there (msgpack,
+click, filelock, protobuf, pyyaml, requests, attrs: in the GPU image, not in a bare venv).
 """
 
 from __future__ import annotations
