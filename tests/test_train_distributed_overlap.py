@@ -217,3 +217,42 @@ def test_a_gradient_accumulated_twice_in_one_backward_is_an_error_not_a_wrong_su
     with pytest.raises(StageError, match="received its gradient twice in one backward"):
         y.sum().backward()
     assert len(sent) == 1  # the bucket left after the first accumulation: the reason this must stop
+
+
+def test_gradients_accumulate_in_the_buckets_with_no_copy_per_parameter(monkeypatch):
+    """A FLUX step is launch-bound and its LoRA has ~380 parameters: the backward writes each gradient straight
+    into its bucket (the gradient is a view of it), instead of a copy per parameter into the bucket and back."""
+    import torch
+    import torch.distributed as dist
+
+    from flywheel.training.reducer import GradReducer
+
+    class Done:
+        def wait(self) -> None:
+            pass
+
+    sent = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, async_op=False: sent.append(t.numel()) or Done())
+    copies = []
+    copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: (copies.append(self.numel()),
+                                                                              copy(self, src, *a, **k))[1])
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(6)]
+    reducer = GradReducer(params, bucket_bytes=2 * 12 * 4)  # two parameters a bucket: three buckets
+    storages = {f.untyped_storage().data_ptr() for f in reducer.flat}
+    x = torch.randn(5, 3)
+    for set_to_none in (True, False):  # both ways an optimizer leaves the gradients between steps
+        loss = sum((x @ p.T).square().sum() for p in params)
+        expected = torch.autograd.grad(loss, params, retain_graph=True)
+        sent.clear(), copies.clear()
+        reducer.arm(loss.detach())
+        loss.backward()
+        total = reducer.finish(loss.detach())
+        assert sent == [24, 24, 25]  # the last bucket carries the loss
+        assert copies == [1]  # the loss into its slot: no gradient was copied
+        assert total == loss
+        for p, g in zip(params, expected):
+            assert torch.equal(p.grad, g)
+            assert p.grad.untyped_storage().data_ptr() in storages
+        torch.optim.SGD(params, lr=0.1).zero_grad(set_to_none=set_to_none)

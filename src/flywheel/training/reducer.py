@@ -1,11 +1,14 @@
 """Sum the LoRA gradients over the ranks while the backward runs: gradient buckets, as PyTorch DDP's Reducer does.
 
 The LoRA parameters are split into buckets of about ``BUCKET_BYTES`` in *reverse* registration order, the order
-in which the backward produces their gradients (last blocks first). On the last micro-batch of an optimizer
-step, a hook on every parameter (``Tensor.register_post_accumulate_grad_hook``) copies its finished gradient
-into its bucket's flat fp32 buffer; once a bucket is complete, and every bucket before it has been sent, an
-async ``dist.all_reduce`` sends it, so the link works while the backward computes the earlier blocks. After the
-backward, ``finish`` sends what is left, waits for every bucket and hands the sums back as the gradients.
+in which the backward produces their gradients (last blocks first). Before the last micro-batch's backward of
+an optimizer step, every parameter's ``.grad`` becomes a view of its slot in its bucket's flat fp32 buffer
+(DDP's ``gradient_as_bucket_view``), so autograd accumulates the gradient straight into the bucket: no copy per
+parameter in the backward and none back afterwards, which matters because a FLUX step is CPU (launch) bound and
+a FLUX LoRA has some 380 parameters. A hook on every parameter (``Tensor.register_post_accumulate_grad_hook``)
+counts the finished ones; once a bucket is complete, and every bucket before it has been sent, an async
+``dist.all_reduce`` sends it, so the link works while the backward computes the earlier blocks. After the
+backward, ``finish`` sends what is left and waits for every bucket; the gradients already are the sums.
 
 Every rank sends the buckets in the same order (bucket 0, 1, ...; never out of order), which is what keeps
 the collectives matched across ranks: a rank that had no items in this step (an uneven last batch) runs no
@@ -50,13 +53,18 @@ class GradReducer:
             size += 4 * p.numel()  # the buffers are fp32
         device = self.params[0].device
         self.flat = []  # one fp32 buffer per bucket, kept across steps; the last one ends with the loss
-        self.slot: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket, offset)
+        self.bucket_of: dict[int, int] = {}  # id(param) -> bucket
+        self.view: dict[int, object] = {}  # id(param) -> its slot, shaped like it
         for b, ps in enumerate(self.buckets):
+            self.flat.append(torch.empty(sum(p.numel() for p in ps) + (b == len(self.buckets) - 1),
+                                         dtype=torch.float32, device=device))
             offset = 0
             for p in ps:
-                self.slot[id(p)] = (b, offset)
+                self.bucket_of[id(p)] = b
+                self.view[id(p)] = self.flat[b][offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
-            self.flat.append(torch.empty(offset + (b == len(self.buckets) - 1), dtype=torch.float32, device=device))
+        # Gradients live in the buckets (``_bind``) when they can: fp32 parameters, as the trainer's LoRA is.
+        self.as_view = {id(p): p.dtype == torch.float32 for p in self.params}
         self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
         self.armed = False
         self._reset()
@@ -69,18 +77,20 @@ class GradReducer:
             h.remove()
 
     def arm(self, total) -> None:
-        """Before the last micro-batch's backward: its gradients are sent bucket by bucket as they are ready.
-        ``total`` is this rank's loss for the whole step (known before that backward)."""
+        """Before the last micro-batch's backward: its gradients accumulate into the buckets, which are sent one
+        by one as they are complete. ``total`` is this rank's loss for the whole step (known before that backward)."""
         self._reset()
+        self._bind()
         self.flat[-1][-1:].copy_(total.detach().reshape(1))
         self.armed = True
 
     def finish(self, total):
         """After the backward (or instead of it, on a rank without items): send the buckets not sent yet, in
-        order, wait for all, and set every parameter's gradient to the sum over the ranks. Returns the summed
-        loss (the same on every rank)."""
+        order, wait for all; every parameter's gradient is then the sum over the ranks. Returns the summed loss
+        (the same on every rank)."""
         if not self.armed:
             self._reset()
+            self._bind()
             self.flat[-1][-1:].copy_(total.detach().reshape(1))
         self.armed = False
         for b in range(self.next, len(self.buckets)):
@@ -91,13 +101,25 @@ class GradReducer:
         self._send_ready()
         for work in self.works:
             work.wait()
-        for b, ps in enumerate(self.buckets):
-            for p in ps:
-                offset, n = self.slot[id(p)][1], p.numel()
-                p.grad = self.flat[b][offset:offset + n].view_as(p).to(p.dtype)  # a view for fp32 parameters
+        for p in self.params:
+            if not self.as_view[id(p)]:  # not fp32: the sum comes back as a copy in the parameter's dtype
+                p.grad = self.view[id(p)].to(p.dtype)
         loss = self.flat[-1][-1].clone()  # the buffers are reused by the next step
         self._reset()
         return loss
+
+    def _bind(self) -> None:
+        """Each fp32 parameter's gradient becomes its slot: zeros, or what earlier micro-batches accumulated
+        (moved in once, unless it already is the slot)."""
+        if all(p.grad is None for p in self.params):  # the usual case (zero_grad(set_to_none=True)): no copy
+            for flat in self.flat:
+                flat.zero_()
+            for p in self.params:
+                if self.as_view[id(p)]:
+                    p.grad = self.view[id(p)]
+            return
+        for p in self.params:
+            self._put(p)
 
     # --- inside the backward ---------------------------------------------------------------------------------
     def _ready(self, p) -> None:
@@ -108,18 +130,27 @@ class GradReducer:
             raise StageError("a LoRA parameter received its gradient twice in one backward, so its bucket's sum "
                              "would miss a part", hint="this is a bug in flywheel's multi-GPU training (e.g. a "
                              "reentrant activation checkpoint); train without --gpus meanwhile")
-        self._put(p)
-        self.pending[self.slot[id(p)][0]] -= 1
+        if not self._in_slot(p):  # autograd replaced the gradient instead of accumulating into the slot
+            self._put(p)
+        self.done.add(id(p))
+        self.pending[self.bucket_of[id(p)]] -= 1
         self._send_ready()
 
+    def _in_slot(self, p) -> bool:
+        g, view = p.grad, self.view[id(p)]
+        return g is not None and g.data_ptr() == view.data_ptr() and self.as_view[id(p)]
+
     def _put(self, p) -> None:
-        b, offset = self.slot[id(p)]
-        dest = self.flat[b][offset:offset + p.numel()]
+        """``p.grad`` (zeros if none) into its slot; fp32 parameters then use the slot as their gradient."""
+        if self._in_slot(p):
+            return
+        view = self.view[id(p)]
         if p.grad is None:
-            dest.zero_()
+            view.zero_()
         else:
-            dest.copy_(p.grad.reshape(-1))
-        self.done.add(id(p))
+            view.copy_(p.grad)
+        if self.as_view[id(p)]:
+            p.grad = view
 
     def _send_ready(self) -> None:
         """Send the complete buckets in bucket order: every rank issues the same collectives in the same order."""
