@@ -16,6 +16,12 @@ compile, allocator warm-up); the median is reported. Loading and caching are not
     PYTHONPATH=src python benchmarks/train_gpus.py --gpus 1 2     # nvidia-h200-x2: 2 GPUs vs 1
     python benchmarks/train_gpus.py --tiny --device cpu --gpus 0 1 2 --res 64 --steps 5 --warmup 1 \
         --train compile=false --work /tmp/train-gpus-tiny                                  # CPU dry run
+    PYTHONPATH=src python benchmarks/train_gpus.py --gpus 0 1 0 1 --steps 24 --warmup 4 --profile /tmp/prof
+
+``--profile DIR`` profiles 3 steps after the warm-up in the process that trains (rank 0, and each other rank):
+DIR/<gpus>.txt holds the top ops by self CPU time and by CUDA time, and the Python functions by own time
+(``flywheel.training.step_profile``); those steps are left out of the timing. Repeating values (``0 1 0 1``)
+interleaves the paths; each row is compared with the nearest baseline row before it.
 """
 
 from __future__ import annotations
@@ -64,8 +70,9 @@ def make_project(root: Path, images: int, res: int):
     return project
 
 
-def measure(project, base: Path, gpus: int, args) -> dict:
-    """Train ``args.steps`` steps with ``gpus`` (0 = plain path); the median step time after the warm-up."""
+def measure(project, base: Path, gpus: int, args, profile: Path | None = None) -> dict:
+    """Train ``args.steps`` steps with ``gpus`` (0 = plain path); the median step time after the warm-up.
+    ``profile``: a folder for the profile of 3 steps after the warm-up (left out of the timing)."""
     from flywheel.train import train
 
     overrides = {"base_model": str(base), "resolution": args.res, "steps": args.steps, "batch_size": args.batch,
@@ -74,8 +81,8 @@ def measure(project, base: Path, gpus: int, args) -> dict:
     cfg = project.config.train.model_copy(update=overrides)
     cfg = type(cfg).model_validate(cfg.model_dump())  # the overrides validated like flywheel.toml
     stamps: list[float] = []
-    if args.profile:  # read by the process that trains (this one, or rank 0: spawned workers inherit it)
-        os.environ[step_profile.ENV] = step_profile.request(args.profile.resolve() / f"{gpus}.txt",
+    if profile:  # read by the process that trains (this one, or the ranks: spawned workers inherit it)
+        os.environ[step_profile.ENV] = step_profile.request(profile.resolve() / f"{gpus}.txt",
                                                             start=args.warmup, steps=PROFILED_STEPS)
     t0 = time.perf_counter()
     try:
@@ -85,13 +92,18 @@ def measure(project, base: Path, gpus: int, args) -> dict:
         os.environ.pop(step_profile.ENV, None)
     wall = time.perf_counter() - t0
     steps = [b - a for a, b in itertools.pairwise(stamps)][max(0, args.warmup - 1):]
-    if args.profile:  # the profiled steps (and the profiler's start and stop) are not timed
+    if profile:  # the profiled steps (and the profiler's start and stop) are not timed
         steps = steps[PROFILED_STEPS + 1:]
     s_step = statistics.median(steps) if steps else float("nan")
     batch = json.loads((result.run_dir / "config.json").read_text())["batch"]
     return {"gpus": gpus, "path": batch["path"], "effective_batch": batch["effective_batch"], "s_step": s_step,
             "images_s": batch["effective_batch"] / s_step, "timed_steps": len(steps), "wall_s": wall,
             "final_loss": result.losses[-1]}
+
+
+def _nearest(rows: list[dict], i: int, gpus: int) -> dict | None:
+    before = [r for r in rows[:i + 1] if r["gpus"] == gpus]
+    return before[-1] if before else next((r for r in rows if r["gpus"] == gpus), None)
 
 
 def _parse(kv: str):
@@ -128,8 +140,9 @@ def main() -> None:
                     "reuses the model built there")
     ap.add_argument("--build-only", action="store_true", help="build the random-weight model in --work and stop")
     ap.add_argument("--profile", type=Path, metavar="DIR",
-                    help=f"profile {PROFILED_STEPS} steps after the warm-up of each --gpus value (rank 0): top ops "
-                    "by self CPU and CUDA time and Python functions by own time, in DIR/<gpus>.txt; those steps "
+                    help=f"profile {PROFILED_STEPS} steps after the warm-up of each --gpus value: top ops "
+                    "by self CPU and CUDA time and Python functions by own time, in DIR/<gpus>.txt (rank 0; "
+                    "DIR/<gpus>-rank<r>.txt for the others); those steps "
                     f"are left out of the timing, so give --steps at least --warmup + {PROFILED_STEPS + 2} more")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -144,18 +157,20 @@ def main() -> None:
     for n in args.gpus:
         project = make_project(work / f"proj-gpus{n}-{int(time.time())}", args.images, args.res)
         try:
-            rows.append(measure(project, base, n, args))
+            first = all(r["gpus"] != n for r in rows)  # the first run of each value is profiled
+            rows.append(measure(project, base, n, args, profile=args.profile if first else None))
         finally:
             project.close()
         log.info("gpus=%d: %s", n, rows[-1])
-    plain = next((r for r in rows if r["gpus"] == 0), None)
-    one = next((r for r in rows if r["gpus"] == 1), None)
     print(f"\n{gpu_name(args.device)}; FLUX.1-dev {'tiny' if args.tiny else 'full size'}, random weights, "
           f"{args.res}², batch_size {args.batch} per process, {args.steps} steps ({args.warmup} warm-up), "
           f"[train] overrides: {args.train or 'none'}")
     print("| gpus | path | effective batch | s/step | images/s | overhead vs plain | throughput vs 1 GPU |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    for i, r in enumerate(rows):
+        # Against the nearest row of the baseline (the one just before, else the first): `--gpus 0 1 0 1`
+        # interleaves the paths, so that a machine that slows down or speeds up meanwhile shows as such.
+        plain, one = (_nearest(rows, i, n) for n in (0, 1))
         over = f"{r['s_step'] / plain['s_step'] - 1:+.1%}" if plain and r["gpus"] == 1 else "–"  # same batch
         scale = f"{r['images_s'] / one['images_s']:.2f}x" if one and r["gpus"] >= 1 else "–"
         print(f"| {r['gpus']} | {r['path']} | {r['effective_batch']} | {r['s_step']:.3f} | {r['images_s']:.2f} | "

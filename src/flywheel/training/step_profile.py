@@ -1,4 +1,4 @@
-"""Profile a few training steps in whichever process trains them (this one, or rank 0 of ``--gpus N``).
+"""Profile a few training steps in whichever process trains them (this one, or each rank of ``--gpus N``).
 
 ``benchmarks/train_gpus.py --profile DIR`` sets ``FLYWHEEL_TRAIN_PROFILE`` (JSON: ``path``, ``start``, ``steps``)
 before it trains; the trainer's progress callback is wrapped (``wrap``), so after step ``start`` a
@@ -28,12 +28,16 @@ def request(path: Path, *, start: int, steps: int) -> str:
 
 
 def wrap(progress, rank: int = 0):
-    """``progress``, profiling the requested steps first when ``ENV`` asks for it (rank 0 only)."""
+    """``progress``, profiling the requested steps first when ``ENV`` asks for it. Rank 0 writes ``path``, the
+    other ranks of ``--gpus N`` ``<path stem>-rank<r>.txt`` beside it (a slow rank holds the others up)."""
     spec = os.environ.get(ENV)
-    if not spec or rank != 0:
+    if not spec:
         return progress
     conf = json.loads(spec)
-    return _Profiled(progress, Path(conf["path"]), int(conf["start"]), int(conf["steps"]))
+    path = Path(conf["path"])
+    if rank:
+        path = path.with_name(f"{path.stem}-rank{rank}{path.suffix}")
+    return _Profiled(progress, path, int(conf["start"]), int(conf["steps"]))
 
 
 class _Profiled:
