@@ -18,7 +18,10 @@ def report_settings(project, *, device, progress, ranks):
     return process_settings.capture()
 
 
-def test_workers_compute_with_the_parents_torch_settings(project):
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
+def test_workers_compute_with_the_parents_torch_settings(project, api):
+    """Whether the parent set its float32 precision through torch's legacy API or the per-backend one (after
+    which the legacy flags cannot even be read), the worker ends up in the same state."""
     import torch
 
     from flywheel.training import process_settings
@@ -26,7 +29,10 @@ def test_workers_compute_with_the_parents_torch_settings(project):
 
     before = process_settings.capture()
     try:  # settings a user (or an earlier stage) set in the parent, none of them torch's default
-        torch.set_float32_matmul_precision("high")
+        if api == "legacy":
+            torch.set_float32_matmul_precision("high")
+        else:
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.enable_math_sdp(False)
         torch.set_num_threads(1)
@@ -34,8 +40,13 @@ def test_workers_compute_with_the_parents_torch_settings(project):
         worker = launch(project, "test_train_distributed_launch:report_settings", gpus=1, backend="gloo",
                         first_cuda=0, progress=lambda *a: None)
     finally:
+        process_settings._set_all(torch, before["fp32_precision"])  # the new API first: it undoes a mixed state
         process_settings.apply(before, 1)
+    after = process_settings.capture()  # this process is back as it was, for the tests that follow
+    assert {k: v for k, v in after.items() if k != "fp32_precision"} == {
+        k: v for k, v in before.items() if k != "fp32_precision"}
     assert parent != before
+    assert (parent["legacy_precision"] is None) == (api == "fp32_precision")
     assert worker == parent
 
 

@@ -4,14 +4,16 @@ The parent (the ``flywheel train`` / ``flywheel run`` process) plans and records
 starts N worker processes with ``torch.multiprocessing.start_processes`` (spawn; one per GPU, NCCL; or CPU
 processes with gloo when the CPU is asked for by name, for tests) and waits. Each worker joins the process
 group and runs the same training loop (``flywheel.train``) with its ``Ranks``; NCCL's settings are the
-machine's (nothing here sets NCCL_* variables).
+machine's (nothing here sets NCCL_* variables). A spawned worker inherits the environment but not the parent's
+in-memory torch settings, so it first takes them from the spec (``training/process_settings.py``).
 
 Only rank 0 writes files (checkpoints, samples, LoRA, config.json, loss curve), and it writes nothing to the
 catalog itself: its ``project.catalog`` is a ``ParentCatalog`` whose calls the parent executes on its own
 connection, in order, and answers (ids, rows, errors). Rank 0 also sends its progress and log records;
-the other ranks send only warnings. A worker's ``FlywheelError`` (e.g. the NaN stop) is raised again in the
-parent with its message and hint; a worker that dies (killed, out of memory) ends the others and the parent
-raises a one-line ``StageError``. When the parent is interrupted it ends the workers (a checkpoint is
+the other ranks send only warnings. In the loop, a step sends the parent its progress report and nothing else
+(no reply awaited: no round-trip per step, tested); catalog calls come at checkpoints and after the loop.
+A worker's ``FlywheelError`` (e.g. the NaN stop) is raised again in the parent with its message and hint; a
+worker that dies (killed, out of memory) ends the others and the parent raises a one-line ``StageError``. When the parent is interrupted it ends the workers (a checkpoint is
 written to a temporary folder and renamed, so a kill never leaves half of one).
 """
 
