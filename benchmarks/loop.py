@@ -65,7 +65,7 @@ def cli(project: Path | None, *args: str, env: dict[str, str], log_file: Path) -
     with open(log_file, "a") as out:
         out.write(f"\n$ flywheel {' '.join(cmd[3:])}\n")
         out.flush()
-        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, check=False, env=env, stdout=out, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - t0
     if proc.returncode:
         tail = log_file.read_text().splitlines()[-25:]
@@ -360,8 +360,9 @@ def report(name: str, gpu: str, edit: dict | None, run: dict | None, args) -> No
             print(f"{s['step']:<28}{s['seconds']:>9.1f}{peak:>14}  {len(s['loads'])}: {loads}")
         print(f"`flywheel run` end to end: {run['cli_s']:.1f} s")
         for t in run["train"]:
-            print(f"train round {t['round']}: {t.get('steps')} steps, {t.get('seconds_per_step', 0):.3f} s/step "
-                  f"(base {t.get('quantize_base')})")
+            print(f"train round {t['round']}: {t.get('steps')} steps, {t.get('seconds_per_step', 0):.3f} s/step on "
+                  f"average, {t.get('median_seconds_per_step', 0):.3f} s median (compiling: "
+                  f"{t.get('warmup_seconds', 0):.0f} s; base {t.get('quantize_base')})")
         print("reduced work: " + f"{args.train_steps} training steps per round, {args.generate * 2} generations, "
               f"{args.eval_prompts} evaluation prompts x 1 seed per round, training samples at 8 steps")
         print(extrapolate(run, edit))
@@ -393,7 +394,9 @@ def extrapolate(run: dict, edit: dict | None) -> str:
         if name.startswith("train"):
             k = int(name.split()[-1]) - 1
             tr = run["train"][k] if k < len(run["train"]) else {}
-            t = seconds - (tr.get("seconds") or 0) + DEFAULT_RUN["train_steps"] * (tr.get("seconds_per_step") or 0)
+            # Steady state: the median step (the first steps of each bucket shape compile, once per run).
+            per_step = tr.get("median_seconds_per_step") or tr.get("seconds_per_step") or 0
+            t = seconds + (DEFAULT_RUN["train_steps"] - (tr.get("steps") or 0)) * per_step
         elif name.startswith("generate"):
             g = units["generate"]
             t = seconds - g.get("total_s", 0) + DEFAULT_RUN["generations"] * g.get("mean_s", 0)

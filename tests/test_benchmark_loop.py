@@ -58,3 +58,23 @@ def test_a_loop_resumed_by_a_second_command_is_reported_as_one_run(monkeypatch):
     assert train["loads"] == [("base", 2.0), ("base", 1.9)]
     assert merged[2]["seconds"] == 40 and merged[2]["gpu_peak_gib"] == 15.1
     assert loop.merge_invocations(first) == first
+
+
+def test_the_extrapolation_scales_training_at_its_steady_rate_not_its_compile_inflated_mean(monkeypatch):
+    """A 20-step loop round spends most of its step time compiling the blocks (once per run); scaling that mean
+    to 1000 steps overstated the klein run 3.6x. The trainer records the median step and the extrapolation
+    adds the remaining steps at that rate to what the round took."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import loop
+
+    from flywheel.train import _timing
+
+    timing = _timing([30.0, 9.0] + [0.2] * 18)
+    assert timing["median_seconds_per_step"] == 0.2 and timing["steps"] == 20
+    assert timing["warmup_seconds"] == pytest.approx(30.0 + 9.0 + 3.6 - 4.0)
+    assert timing["seconds_per_step"] == pytest.approx(42.6 / 20, abs=1e-4)
+    units = {s: {"n": 0} for s in ("enrich", "caption", "judge", "generate", "evaluate")}
+    run = {"steps": [{"step": "train round 1", "seconds": 60.0, "gpu_peak_gib": 18.0, "loads": [], "status": "ok"}],
+           "units": units, "train": [{"round": 1, **timing}]}
+    text = loop.extrapolate(run, None)
+    assert "train round 1 256 s" in text  # 60 s measured + 980 steps x 0.2 s

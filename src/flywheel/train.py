@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -221,7 +222,7 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
         return family.batch([latents[by_id[i].sha256] for i in ids],
                             [text["" if d else captions[i]] for i, d in zip(ids, drop.tolist())], device, dtype)
 
-    first_step, t_steps = step, 0.0
+    step_times: list[float] = []
     while step < cfg.steps:
         micro = []  # the global batches of one optimizer step (gradient_accumulation of them)
         for _ in range(cfg.gradient_accumulation):
@@ -238,7 +239,7 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
                 train_step(family, transformer, optimizer, batch_for(micro[0]), generator, **opts))
         step += 1
         losses.append({"step": step, "loss": float(loss), "lr": lr, "epoch": data["epoch"]})  # float(): waits for the GPU
-        t_steps += time.perf_counter() - t0
+        step_times.append(time.perf_counter() - t0)
         if not math.isfinite(losses[-1]["loss"]):
             raise StageError(f"run {run_id} stopped: the loss became {losses[-1]['loss']} at step {step} of {cfg.steps} "
                              f"(learning_rate {cfg.learning_rate:g})",
@@ -269,8 +270,7 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
                 "trigger": trigger, "lora_run_id": run_id, "device": device, "dtype": str(dtype),
                 "quantize_base": load.quantize, "batch": dp.describe(cfg),
                 # This process's steps (a resumed run counts only its own): wall time per step, samples excluded.
-                "timing": {"steps": step - first_step, "seconds": round(t_steps, 3),
-                           "seconds_per_step": round(t_steps / max(1, step - first_step), 4)}}
+                "timing": _timing(step_times)}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2), encoding="utf-8")
     samples.record(project, "config", run_dir / "config.json", run_id, step)
     samples.record(project, "loss_csv", losses_io.save_csv(losses, run_dir / "loss.csv"), run_id, step)
@@ -278,6 +278,15 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
     if png is not None:
         samples.record(project, "loss_curve", png, run_id, step)
     return [r["loss"] for r in losses]
+
+
+def _timing(step_times: list[float]) -> dict:
+    """Wall time of this process's steps: the mean (compiles included) and the median, the steady-state rate
+    a longer run settles at (the first steps of each new bucket shape compile the blocks: tens of seconds)."""
+    n, total = len(step_times), sum(step_times)
+    median = statistics.median(step_times) if step_times else 0.0
+    return {"steps": n, "seconds": round(total, 3), "seconds_per_step": round(total / max(1, n), 4),
+            "median_seconds_per_step": round(median, 4), "warmup_seconds": round(max(0.0, total - n * median), 3)}
 
 
 def _generate_model(project, cfg: TrainConfig, family, base: str) -> str | None:
