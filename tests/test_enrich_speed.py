@@ -58,6 +58,7 @@ def test_reference_area_and_speed_are_settings_of_the_work_key_and_the_operation
         keys = {editor_id(base.model_copy(update=u), models) for u in
                 ({}, {"reference_area": 4096}, {"speed": "auto"}, {"speed": "compile"})}
         assert len(keys) == 4  # each changes the output (compiled kernels round differently): other work
+        assert editor_id(base.model_copy(update={"speed": "none"}), models) == editor_id(base, models)
         assert rows[0]["work_key"].endswith(editor_id(base.model_copy(update={"reference_area": 4096,
                                                                                "speed": "auto"}), models))
     finally:

@@ -106,10 +106,13 @@ def settings_tag(cfg: EnrichConfig, spec: str) -> str:
     preset = get_preset(spec, role="editor")
     preset_settings = preset.settings if preset else {}
 
-    def norm(value: Any) -> Any:
+    def norm(key: str, value: Any) -> Any:
+        if key == "speed" and value == "none":  # what no speed setting does: the same edits
+            return None
         return [_lora_spec(v, None) for v in value] if isinstance(value, list) else value
 
-    changed = {k: norm(v) for k, v in editor_settings(cfg).items() if norm(v) != norm(preset_settings.get(k))}
+    changed = {k: norm(k, v) for k, v in editor_settings(cfg).items()
+               if norm(k, v) != norm(k, preset_settings.get(k))}
     if not changed:
         return ""
     return "+" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
