@@ -11,10 +11,10 @@ Reduced work, stated in the output: ``--train-steps`` per round (default 20), ``
 seeds, ``--eval-prompts`` x 1 seed, training samples at 8 steps. Stage times are measured, not scaled.
 
 Phases (the GPU machine has 64 GB of disk and 10 minutes per command; the repos do not all fit at once):
-  ``edit``  build Qwen-Image-Edit-2511 + the Lightning LoRA; 25 edits with the default (fast) preset, then
+  ``edit``  (flux1 stack) build Qwen-Image-Edit-2511 + the Lightning LoRA; 25 edits with its fast preset, then
             ``--stock-edits`` edits with the stock preset (40 steps, true CFG 4) in the same process run;
             removes the editor repo afterwards (``--keep`` to keep it)
-  ``rest``  build FLUX.1-dev + Qwen2-VL-2B; ``flywheel run`` the same project to the report
+  ``rest``  (flux1 stack) build FLUX.1-dev + Qwen2-VL-2B; ``flywheel run`` the same project to the report
   ``klein`` the FLUX.2 klein stack (``--klein-stack``, a new project's ``[models] stack``): its edits,
             ``--stock-edits`` stock edits and ``flywheel run`` in one project, the process capped at
             ``--cap-gib`` (0: uncapped, the unconstrained profile)
@@ -74,8 +74,8 @@ def cli(project: Path | None, *args: str, env: dict[str, str], log_file: Path) -
 
 
 def config(profile: str, args) -> str:
-    """The project's flywheel.toml: the defaults (default profile) or configs/examples/gpu-24gb.toml, with the
-    reduced work and the benchmark's own paths."""
+    """The project's flywheel.toml: a new project on the klein stack ("klein"), the flux1 stack ("default": the
+    edit and rest phases) or an example file (``EXAMPLES``), with the reduced work and the benchmark's own paths."""
     if profile in EXAMPLES:
         text = (ROOT / "configs/examples" / EXAMPLES[profile]).read_text()
         head, _, tail = text.partition("[enrich]")
@@ -84,8 +84,8 @@ def config(profile: str, args) -> str:
         text = _drop_sections(text, ("train", "generate", "evaluate", "loop"))
     elif profile == "klein":
         text = f'[project]\nname = "Benchmark"\ntrigger = "fw_bench"\n[models]\nstack = "{args.klein_stack}"\n'
-    else:
-        text = '[project]\nname = "Benchmark"\ntrigger = "fw_bench"\n[models]\n'
+    else:  # the edit / rest phases: the flux1 stack (the default before klein4b)
+        text = '[project]\nname = "Benchmark"\ntrigger = "fw_bench"\n[models]\nstack = "flux1"\n'
     device = f'\ndevice = "{args.device}"' if args.device != "auto" else ""
     tiny = args.tiny
     recipes = RECIPES[:args.recipes_24gb if profile == "24gb-flux1" else args.recipes]

@@ -78,3 +78,20 @@ def test_the_extrapolation_scales_training_at_its_steady_rate_not_its_compile_in
            "units": units, "train": [{"round": 1, **timing}]}
     text = loop.extrapolate(run, None)
     assert "train round 1 256 s" in text  # 60 s measured + 980 steps x 0.2 s
+
+
+@pytest.mark.slow
+def test_loop_benchmark_runs_the_24gb_example_on_the_default_klein_stack(tmp_path):
+    """--phase 24gb: configs/examples/gpu-24gb.toml (the klein4b stack) through the CLI, its tiny twins."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--root", str(tmp_path), "--phase", "24gb", *SMALL],
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "24 GiB profile (configs/examples/gpu-24gb.toml)" in proc.stdout
+    result = json.loads((tmp_path / "results-24gb.json").read_text())
+    run = result["24gb"]
+    loads = {s["step"]: [model for model, _ in s["loads"]] for s in run["steps"]}
+    assert loads["caption"] == ["qwen3-vl-4b"] and loads["generate round 1"] == ["flux2-klein-4b"]
+    assert "FLUX.2-klein-base-4B" in loads["train round 1"][0]
+    assert all(s["status"] == "ok" for s in run["steps"]) and run["report"]
+    assert [t["steps"] for t in run["train"]] == [2, 2] and all("median_seconds_per_step" in t for t in run["train"])
+    assert result["24gb_edit"]["fast"]["n"] == 1

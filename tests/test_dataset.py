@@ -150,8 +150,8 @@ def test_train_refuses_an_unvetted_set_before_loading_anything(project, monkeypa
         raise AssertionError("the model was about to load")
 
     monkeypatch.setattr(train_mod, "_run", never)  # where the FLUX pipeline loads
-    cfg = project.root / "flywheel.toml"  # the tiny base: this machine has no GPU for FLUX.1-dev
-    cfg.write_text(cfg.read_text(encoding="utf-8").replace('# base = "flux-dev"', 'base = "tiny"'), encoding="utf-8")
+    cfg = project.root / "flywheel.toml"  # the tiny base: this machine has no GPU for klein-base
+    cfg.write_text(cfg.read_text(encoding="utf-8").replace('# base = "flux2-klein-base-4b"', 'base = "tiny"'), encoding="utf-8")
     add_image(project, "source", color=(1, 1, 1))
     r = CliRunner().invoke(main, ["-C", str(project.root), "train"])
     assert r.exit_code == 1 and "Traceback" not in r.output

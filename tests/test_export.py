@@ -77,7 +77,7 @@ AI_TOOLKIT_KEYS = {
                  "resolution", "default_caption", "trigger_word", "num_repeats", "use_short_captions"},
     "train": {"batch_size", "steps", "gradient_accumulation_steps", "train_unet", "train_text_encoder",
               "gradient_checkpointing", "noise_scheduler", "optimizer", "lr", "dtype", "ema_config"},
-    "model": {"name_or_path", "is_flux", "quantize", "low_vram"},
+    "model": {"name_or_path", "is_flux", "arch", "quantize", "low_vram"},  # arch: ModelConfig, FLUX.2 klein
     "sample": {"sampler", "sample_every", "width", "height", "prompts", "neg", "seed", "walk_seed", "guidance_scale",
                "sample_steps"},
 }
@@ -128,7 +128,9 @@ def test_configs_beside_the_data_point_at_it_and_parse(frozen, tmp_path):
     (dataset,) = process["datasets"]
     assert dataset["folder_path"] == str(res.folder) and dataset["caption_ext"] == "txt"
     assert process["trigger_word"] == "fw_test" and process["network"] == {"type": "lora", "linear": 8, "linear_alpha": 16.0}
-    assert process["train"]["steps"] == 1500 and process["model"]["name_or_path"] == "black-forest-labs/FLUX.1-dev"
+    assert process["train"]["steps"] == 1500  # the default stack's base, as ai-toolkit names the architecture
+    assert process["model"] == {"name_or_path": "black-forest-labs/FLUX.2-klein-base-4B", "arch": "flux2_klein_4b",
+                                "quantize": False}
     assert process["sample"]["prompts"][0] == "a photo of [trigger], portrait, soft window light"
     (ds,) = _kohya(toml_path)["datasets"]
     (sub,) = ds["subsets"]

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from flywheel.cli import main
 from flywheel.config import ModelsConfig, parse_config, render_config_template
+from flywheel.models.stacks import DEFAULT_STACK, STACKS
 from flywheel.errors import ConfigError, InsufficientMemoryError, ModelLoadError, ModelNotFoundError
 from flywheel.models import load_text_to_image, load_vlm
 from flywheel.models.base import ChatRequest
@@ -52,7 +53,8 @@ def test_editor_presets_pair_stock_and_fast_settings_and_the_fast_one_is_the_def
     assert kontext.hub_id == turbo.hub_id and kontext.settings["num_inference_steps"] == 28
     assert turbo.settings["num_inference_steps"] == 8
     assert turbo.settings["loras"][0]["hub"] == "alimama-creative/FLUX.1-Turbo-Alpha"
-    assert ModelsConfig().editor == "qwen-image-edit-2511-lightning" and "default editor" in fast.note
+    assert STACKS["flux1"].editor == "qwen-image-edit-2511-lightning" and "default editor" in fast.note
+    assert ModelsConfig().editor == STACKS[DEFAULT_STACK].editor == "flux2-klein-4b"  # the default stack's fast klein
     for preset in PRESETS.values():  # every preset LoRA is one .safetensors file of a hub repo
         for lora in preset.settings.get("loras", []):
             EditorLora(**lora)
@@ -158,7 +160,7 @@ def test_template_documents_every_models_key():
     text = render_config_template("A", "fw_a")
     data = tomllib.loads(text)
     roles = {"captioner", "judge", "editor", "base"}
-    assert set(data["models"]) == set(ModelsConfig.model_fields) - roles and data["models"]["stack"] == "flux1"
+    assert set(data["models"]) == set(ModelsConfig.model_fields) - roles and data["models"]["stack"] == "klein4b"
     assert parse_config(data).models == ModelsConfig()
     section = text[text.index("\n[models]\n"):text.index("\n[enrich]\n")]
     uncommented = tomllib.loads(re.sub(r"(?m)^# ((captioner|judge|editor|base) = .*)$", r"\1", section))["models"]

@@ -94,7 +94,7 @@ def test_loading_a_model_is_shown_at_the_default_verbosity(tmp_path):
     -v (and no other INFO line)."""
     root = _sample_project(tmp_path)
     toml = root / "flywheel.toml"
-    toml.write_text(toml.read_text().replace('# captioner = "qwen2-vl-2b"', 'captioner = "tiny"', 1))
+    toml.write_text(toml.read_text().replace('# captioner = "qwen3-vl-4b"', 'captioner = "tiny"', 1))
     res = CliRunner().invoke(main, ["-C", str(root), "caption"])
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())

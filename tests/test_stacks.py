@@ -33,13 +33,17 @@ def test_a_stack_fills_every_role_and_the_enrich_backend_unless_set_explicitly()
     assert {k: getattr(cfg.models, k) for k in ROLE_KEYS} == dict.fromkeys(ROLE_KEYS, "tiny")
 
 
-def test_the_default_stack_is_the_set_new_projects_always_had():
+def test_the_default_stack_is_klein4b_and_the_field_defaults_are_its_roles():
+    """New projects get klein4b (docs/models.md: the only stack that fits 24 GB and is open for commercial use;
+    its whole loop ran under a 24 GiB cap on an H200). ModelsConfig() is the same with or without the stack."""
     models = ModelsConfig()
-    assert models.stack == DEFAULT_STACK == "flux1"
-    assert STACKS["flux1"].roles() == {k: ModelsConfig.model_fields[k].default for k in ROLE_KEYS} == \
-        {"captioner": "qwen2-vl-2b", "judge": "qwen2-vl-2b", "editor": "qwen-image-edit-2511-lightning",
-         "base": "flux-dev"}
-    assert parse_config(PROJECT).enrich.backend == EnrichConfig.model_fields["backend"].default == "qwen-image-edit"
+    assert models.stack == DEFAULT_STACK == "klein4b"
+    assert STACKS["klein4b"].roles() == {k: ModelsConfig.model_fields[k].default for k in ROLE_KEYS} == \
+        {"captioner": "qwen3-vl-4b", "judge": "qwen3-vl-4b", "editor": "flux2-klein-4b", "base": "flux2-klein-base-4b"}
+    assert parse_config(PROJECT).enrich.backend == EnrichConfig.model_fields["backend"].default == "flux2-klein"
+    flux1 = parse_config({**PROJECT, "models": {"stack": "flux1"}})  # the previous default, one line away
+    assert (flux1.models.editor, flux1.models.base, flux1.enrich.backend) == \
+        ("qwen-image-edit-2511-lightning", "flux-dev", "qwen-image-edit")
 
 
 def test_an_unknown_stack_is_a_config_error_naming_the_closest_one():
@@ -111,9 +115,9 @@ def test_a_new_project_changes_every_role_by_changing_the_stack_line(tmp_path):
     assert CliRunner().invoke(main, ["init", str(root), "--name", "A", "--trigger", "fw_a"]).exit_code == 0
     toml = root / "flywheel.toml"
     text = toml.read_text()
-    assert '\nstack = "flux1"\n' in text and '\n# judge = "qwen2-vl-2b"' in text
-    toml.write_text(text.replace('\nstack = "flux1"\n', '\nstack = "flux1-kontext"\n')
-                    .replace('\n# judge = "qwen2-vl-2b"', '\njudge = "none"'))
+    assert '\nstack = "klein4b"\n' in text and '\n# judge = "qwen3-vl-4b"' in text
+    toml.write_text(text.replace('\nstack = "klein4b"\n', '\nstack = "flux1-kontext"\n')
+                    .replace('\n# judge = "qwen3-vl-4b"', '\njudge = "none"'))
     listing = CliRunner().invoke(main, ["-C", str(root), "models", "list"])
     assert listing.exit_code == 0, listing.output
     assert listing.output.splitlines()[-1] == ("This project: stack flux1-kontext; captioner qwen2-vl-2b, judge none, "

@@ -71,7 +71,7 @@ def test_train_refuses_the_target_before_loading(project, monkeypatch):
 
     monkeypatch.setattr(train_mod, "_run", never)  # where the FLUX pipeline loads
     cfg = project.root / "flywheel.toml"
-    text = cfg.read_text(encoding="utf-8").replace('# base = "flux-dev"', 'base = "tiny"')  # no GPU here
+    text = cfg.read_text(encoding="utf-8").replace('# base = "flux2-klein-base-4b"', 'base = "tiny"')  # no GPU here
     default = 'target_modules = ["to_q", "to_k", "to_v", "to_out.0"]'
     assert text.count(default) == 1
     cfg.write_text(text.replace(default, 'target_modules = ["to_q", "linear"]'), encoding="utf-8")

@@ -471,7 +471,7 @@ def _point_config_at(root: Path, vlm_dir: Path) -> None:
     """Edit the project's flywheel.toml as a user would: the judge is the tiny folder, on the CPU."""
     path = root / "flywheel.toml"
     text = path.read_text()
-    for old, new in (('# judge = "qwen2-vl-2b"', f'judge = "{vlm_dir}"'), ('device = "auto"', 'device = "cpu"'),
+    for old, new in (('# judge = "qwen3-vl-4b"', f'judge = "{vlm_dir}"'), ('device = "auto"', 'device = "cpu"'),
                      ("vlm_max_pixels = 1_048_576", f"vlm_max_pixels = {SIDE * SIDE}")):
         assert text.count(old) == 1, old
         text = text.replace(old, new)

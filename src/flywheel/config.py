@@ -180,7 +180,8 @@ class EnrichConfig(Section):
     backend: Literal["qwen-image-edit", "flux-kontext", "flux2-klein", "longcat-image-edit", "instruct-pix2pix",
                      "inpaint-sdxl", "inpaint-flux-fill", "sdxl-turbo-controlnet", "describe-generate",
                      "composite", "api"] = Field(
-        "qwen-image-edit", description="'composite' is the CPU editor (person segmentation + compositing)."
+        "flux2-klein", description="'composite' is the CPU editor (person segmentation + compositing); unset: "
+        "the [models] stack's backend"
     )
     routes: EnrichRoutes = Field(default_factory=EnrichRoutes, description="Another backend per recipe axis.")
     inpaint: InpaintSettings = Field(default_factory=InpaintSettings)

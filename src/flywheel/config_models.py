@@ -33,12 +33,12 @@ class ModelsConfig(Section):
     The role defaults below are the default stack's, so ``ModelsConfig()`` is the same either way.
     """
 
-    stack: str = Field("flux1", description="Named model set for every role (`flywheel models list`).")
-    captioner: str = Field("qwen2-vl-2b", description="Preset name, local folder or hub id of the captioner VLM.")
-    judge: str = Field("qwen2-vl-2b", description="Preset name, local folder or hub id of the judge VLM.")
-    editor: str = Field("qwen-image-edit-2511-lightning",
+    stack: str = Field("klein4b", description="Named model set for every role (`flywheel models list`).")
+    captioner: str = Field("qwen3-vl-4b", description="Preset name, local folder or hub id of the captioner VLM.")
+    judge: str = Field("qwen3-vl-4b", description="Preset name, local folder or hub id of the judge VLM.")
+    editor: str = Field("flux2-klein-4b",
                         description="Preset name, local folder or hub id of the editor.")
-    base: str = Field("flux-dev", description="Preset name, local folder or hub id of the text-to-image base.")
+    base: str = Field("flux2-klein-base-4b", description="Preset name, local folder or hub id of the text-to-image base.")
     quantization: Quantization = Field(
         "none", description="Weights of every role's model: none, nf4 / int8 (bitsandbytes), fp8 (diffusion "
         "models only: fp8 storage, bf16 compute). Per role: [models.overrides.<role>].")

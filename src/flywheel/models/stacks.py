@@ -48,7 +48,7 @@ STACKS: dict[str, Stack] = {s.name: s for s in [
     Stack("tiny-klein", "tiny-qwen3-vl", "tiny-qwen3-vl", "tiny-flux2-klein", "tiny-flux2-klein-base", "flux2-klein",
           "tiny random models of the klein4b stack's architectures, on the CPU: tests and demos only"),
 ]}
-DEFAULT_STACK = "flux1"
+DEFAULT_STACK = "klein4b"
 
 
 def get_stack(name: str) -> Stack | None:
