@@ -14,12 +14,12 @@ from click.testing import CliRunner
 
 from flywheel.cli import main
 from flywheel.config import ModelsConfig, parse_config, render_config_template
-from flywheel.models.stacks import DEFAULT_STACK, STACKS
 from flywheel.errors import ConfigError, InsufficientMemoryError, ModelLoadError, ModelNotFoundError
 from flywheel.models import load_text_to_image, load_vlm
 from flywheel.models.base import ChatRequest
 from flywheel.models.hub import check_gpu_memory, count_parameters, resolve_model
 from flywheel.models.presets import PRESETS, ROLE_OF_FAMILY, TINY_FOR_ROLE
+from flywheel.models.stacks import DEFAULT_STACK, STACKS
 
 ISSUE_PRESETS = {"qwen2-vl-2b", "qwen2-vl-7b", "qwen2.5-vl-7b", "flux-dev", "flux-schnell", "flux-kontext-dev",
                  "qwen-image-edit-2511", "qwen-image-edit-2511-lightning", "instruct-pix2pix"}
@@ -53,7 +53,7 @@ def test_editor_presets_pair_stock_and_fast_settings_and_the_fast_one_is_the_def
     assert kontext.hub_id == turbo.hub_id and kontext.settings["num_inference_steps"] == 28
     assert turbo.settings["num_inference_steps"] == 8
     assert turbo.settings["loras"][0]["hub"] == "alimama-creative/FLUX.1-Turbo-Alpha"
-    assert STACKS["flux1"].editor == "qwen-image-edit-2511-lightning" and "default editor" in fast.note
+    assert STACKS["flux1"].editor == "qwen-image-edit-2511-lightning" and "flux1 stack's editor" in fast.note
     assert ModelsConfig().editor == STACKS[DEFAULT_STACK].editor == "flux2-klein-4b"  # the default stack's fast klein
     for preset in PRESETS.values():  # every preset LoRA is one .safetensors file of a hub repo
         for lora in preset.settings.get("loras", []):

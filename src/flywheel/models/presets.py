@@ -8,7 +8,7 @@ into a cache folder and load them through the same code as real weights: for CPU
 
 Editors come in pairs where a public few-step LoRA exists: the stock settings (``qwen-image-edit-2511``:
 40 steps, true CFG 4) and the fast ones (``qwen-image-edit-2511-lightning``: lightx2v's 4-step Lightning
-LoRA, no CFG, the shift-3 schedule it was distilled with). The fast preset is the default editor.
+LoRA, no CFG, the shift-3 schedule it was distilled with). The fast preset is the flux1 stack's editor.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ _TINY_KLEIN = {"num_inference_steps": 2, "max_area": 64 * 64, "max_sequence_leng
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("qwen2-vl-2b", "qwen_vl", "Qwen/Qwen2-VL-2B-Instruct", settings=_VLM, vram_gib=6.1, vram_gib_nf4=3.4,
-           note="default captioner and judge", licence=APACHE, disk_gb=4.4),
+           note="the flux1 stack's captioner and judge", licence=APACHE, disk_gb=4.4),
     Preset("qwen2-vl-7b", "qwen_vl", "Qwen/Qwen2-VL-7B-Instruct", settings=_VLM, vram_gib=17.5, vram_gib_nf4=6.5,
            licence=APACHE, disk_gb=16.6, low_vram="8 GB with nf4"),
     Preset("qwen2.5-vl-3b", "qwen_vl", "Qwen/Qwen2.5-VL-3B-Instruct", settings=_VLM, vram_gib=8.5, vram_gib_nf4=3.5,
@@ -140,7 +140,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("qwen-image-edit-2511-lightning", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=58.0,
            settings={"num_inference_steps": 4, **_QWEN_FAST, "loras": [
                {"hub": _LIGHTNING, "weight": "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"}]},
-           note="default editor: 4 steps with the Lightning LoRA; not with fp8 quantization",
+           note="the flux1 stack's editor: 4 steps with the Lightning LoRA; not with fp8 quantization",
            licence=APACHE, disk_gb=58.6, low_vram="24 GB with nf4 + cpu_offload (estimate)"),
     Preset("qwen-image-edit-2511-lightning-8step", "qwen_image_edit", "Qwen/Qwen-Image-Edit-2511", vram_gib=58.0,
            settings={"num_inference_steps": 8, **_QWEN_FAST, "loras": [
@@ -202,7 +202,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("qwen3-vl-2b", "qwen_vl", "Qwen/Qwen3-VL-2B-Instruct", settings=_VLM, vram_gib=6.5, vram_gib_nf4=3.5,
            note="needs transformers>=4.57 (VRAM: estimate)", licence=APACHE, disk_gb=4.3),
     Preset("qwen3-vl-4b", "qwen_vl", "Qwen/Qwen3-VL-4B-Instruct", settings=_VLM, vram_gib=11.0, vram_gib_nf4=5.0,
-           note="needs transformers>=4.57 (VRAM: estimate)", licence=APACHE, disk_gb=8.9, low_vram="8 GB with nf4"),
+           note="default captioner and judge; needs transformers>=4.57 (VRAM: estimate)", licence=APACHE, disk_gb=8.9,
+           low_vram="8 GB with nf4"),
     Preset("tiny-qwen3-vl", "qwen_vl", None, dtype="float32", settings={"max_pixels": 112 * 112},
            tiny=(*_TINY_VLM, {"variant": "qwen3_vl"}), note="random weights, for tests"),
     Preset("tiny-flux2-klein", "flux2_klein", None, dtype="float32", settings=_TINY_KLEIN,
