@@ -176,7 +176,9 @@ def test_pix2pix_is_seeded_per_request_and_keeps_order(tiny_pix2pix_dir):
     out = editor.edit(reqs)
     assert [im.size for im in out] == [(88, 48), (48, 88), (88, 48), (88, 48)]  # aspect kept at ~64² px
     a, b, c = (np.asarray(out[i]) for i in (0, 2, 3))
-    assert np.array_equal(a, c)  # same seed, same result, whatever else is in the batch
+    # Same seed, same result, whatever else is in the batch: up to float rounding, which on the CPU can differ
+    # with a row's place in a batched matmul (one CI run saw it; exact equality passed in every other).
+    assert np.abs(a.astype(int) - c.astype(int)).max() <= 2
     assert not np.array_equal(a, b)  # another seed, another result
     alone = np.asarray(editor.edit([reqs[0]])[0]).astype(int)  # and alone in its batch (float rounding aside)
     assert np.abs(alone - a.astype(int)).max() <= 2
