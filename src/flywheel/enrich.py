@@ -204,11 +204,8 @@ def _edit_all(project: Project, cfg: EnrichConfig, editor: ImageEditor, units, t
                                         references=[load(i) for i in refs[u.work_key]], recipe=u.recipe) for u in batch]
                 yield (batch, missing, refs, ops), (requests,)
 
-        finished = [result.already_done + len(result.made) + result.identical]
-
-        def recorded(n: int, label: str) -> None:
-            finished[0] += n
-            progress(finished[0], result.planned, label)
+        def recorded(label: str) -> None:  # result counts every recorded edit (new, identical, done before)
+            progress(result.already_done + len(result.made) + result.identical, result.planned, label)
 
         try:
             # Finished batches are stored one behind: the PNG / hashes of one while the editor makes the next.

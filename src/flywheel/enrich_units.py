@@ -134,11 +134,11 @@ class _Finished:
 
 
 class Recorder:
-    """Records finished batches one behind the editor (see the module docstring). ``on_recorded(n, label)`` is
+    """Records finished batches one behind the editor (see the module docstring). ``on_recorded(label)`` is
     called on the stage's thread after each batch's rows are written. Use as a context manager: leaving it
     records the last batch (also when the stage stops on an error: a finished edit is never thrown away)."""
 
-    def __init__(self, project: Project, result: EnrichResult, on_recorded: Callable[[int, str], None]):
+    def __init__(self, project: Project, result: EnrichResult, on_recorded: Callable[[str], None]):
         self.project, self.result, self.on_recorded = project, result, on_recorded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="enrich-store")
         self._pending: _Finished | None = None
@@ -164,7 +164,7 @@ class Recorder:
                 fail_units(self.project, batch.ops[i:], time.perf_counter(), err)
                 raise
             record_unit(self.project, unit, op_id, out, batch.refs[unit.work_key], batch.ms, self.result, stored)
-        self.on_recorded(len(batch.units), batch.label)
+        self.on_recorded(batch.label)
 
     def __enter__(self) -> Recorder:
         return self
