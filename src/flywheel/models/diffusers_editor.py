@@ -80,14 +80,11 @@ class DiffusersEditor:
         """
         from flywheel.models._diffusers_common import load_pipeline
         from flywheel.models.editor_options import apply_loras
-        from flywheel.models.editor_speed import SPEEDS, apply_speed
+        from flywheel.models.editor_speed import apply_speed, check_speed
 
         folder, label = Path(path), model_id or str(path)
         speed = settings.pop("speed", None) or "none"
-        if speed not in SPEEDS:  # before loading many GB
-            from flywheel.errors import ConfigError
-
-            raise ConfigError(f"unknown speed {speed!r} for {label}", hint=f"use one of {', '.join(SPEEDS)}")
+        check_speed(speed, label)  # before loading many GB
         spec = cls.pipeline(folder, label, settings, device=device, dtype=dtype)
         loras = settings.pop("loras", ())
         pipe, torch_dtype = load_pipeline(spec.cls, folder, label=label, device=device, dtype=dtype,

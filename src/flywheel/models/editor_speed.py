@@ -34,12 +34,17 @@ def denoiser(pipe) -> Any:
     return getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
 
 
+def check_speed(speed: str, label: str = "editor") -> None:
+    """A ``ConfigError`` for a speed that is not one of ``SPEEDS`` (checked before loading many GB)."""
+    if speed not in SPEEDS:
+        raise ConfigError(f"unknown speed {speed!r} for {label}", hint=f"use one of {', '.join(SPEEDS)}")
+
+
 def apply_speed(pipe, speed: str, *, device: str, quantization: str = "none", cpu_offload: bool = False,
                 label: str = "editor", backend: str = "inductor") -> str:
     """Apply ``speed`` (one of ``SPEEDS``) to ``pipe``'s denoiser in place; returns what was applied:
     "none", "compile" or "compile-fp8". ``backend``: torch.compile's (tests trace with "eager")."""
-    if speed not in SPEEDS:
-        raise ConfigError(f"unknown speed {speed!r} for {label}", hint=f"use one of {', '.join(SPEEDS)}")
+    check_speed(speed, label)
     if speed == "auto":
         speed = "compile" if device == "cuda" else "none"
     if speed == "none":
