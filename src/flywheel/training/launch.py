@@ -13,8 +13,9 @@ connection, in order, and answers (ids, rows, errors). Rank 0 also sends its pro
 the other ranks send only warnings. In the loop, a step sends the parent its progress report and nothing else
 (no reply awaited: no round-trip per step, tested); catalog calls come at checkpoints and after the loop.
 A worker's ``FlywheelError`` (e.g. the NaN stop) is raised again in the parent with its message and hint; a
-worker that dies (killed, out of memory) ends the others and the parent raises a one-line ``StageError``. When the parent is interrupted it ends the workers (a checkpoint is
-written to a temporary folder and renamed, so a kill never leaves half of one).
+worker that dies (killed, out of memory) ends the others and the parent raises a one-line ``StageError``. When
+the parent is interrupted it ends the workers (a checkpoint is written to a temporary folder and renamed, so a
+kill never leaves half of one).
 """
 
 from __future__ import annotations

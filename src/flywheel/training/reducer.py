@@ -88,10 +88,8 @@ class GradReducer:
         """After the backward (or instead of it, on a rank without items): send the buckets not sent yet, in
         order, wait for all; every parameter's gradient is then the sum over the ranks. Returns the summed loss
         (the same on every rank)."""
-        if not self.armed:
-            self._reset()
-            self._bind()
-            self.flat[-1][-1:].copy_(total.detach().reshape(1))
+        if not self.armed:  # no backward on this rank: its buckets as arm() leaves them
+            self.arm(total)
         self.armed = False
         for b in range(self.next, len(self.buckets)):
             for p in self.buckets[b]:
