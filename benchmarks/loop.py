@@ -96,12 +96,9 @@ sources = ["sources"]
 review = "auto"
 """
     text = text.replace("[models]", "[models]" + device, 1) if "[models]" in text else text + f"\n[models]{device}\n"
-    if "[enrich]" in text:
-        text = text.replace("[enrich]", f"[enrich]\nrecipes = {json.dumps(recipes)}", 1)
-    else:
-        text += f"\n[enrich]\nrecipes = {json.dumps(recipes)}\n"
+    text = _put(text, "enrich", f"recipes = {json.dumps(recipes)}")
     if tiny:
-        text = text.replace("[enrich]", "[enrich]\nmax_area = 4096\nreferences = 1", 1)
+        text = _put(text, "enrich", "max_area = 4096\nreferences = 1")
         text = _put(_put(text, "caption", "max_new_tokens = 8"), "judge", "max_new_tokens = 16")
     size = 64 if tiny else 1024
     text += f"""
