@@ -340,3 +340,20 @@ def _lightning_lora(cache: Path, transformer) -> Path:
     save_file(state, str(snap / LIGHTNING_FILE))
     (snap / ".complete").write_text(LIGHTNING)
     return snap / LIGHTNING_FILE
+
+
+def preset_builders() -> dict:
+    """Preset -> (hub repo that must be in the cache, the builder above that writes it): what the benchmarks
+    that build a stack's models (``loop.py``, ``scaling.py``) look up."""
+    def kontext(cache: Path, *, tiny: bool, device: str) -> float:
+        seconds = 0.0 if has_repo(cache, FLUX_DEV) else build_flux_dev(cache, tiny=tiny, device=device)
+        return seconds + link_flux_kontext(cache)
+
+    return {"qwen-image-edit-2511-lightning": (QWEN_EDIT, build_qwen_image_edit),
+            "flux-kontext-dev": (FLUX_KONTEXT, kontext),
+            "flux-dev": (FLUX_DEV, build_flux_dev),
+            "flux2-klein-4b": (KLEIN_4B, build_flux2_klein),
+            "flux2-klein-base-4b": (KLEIN_BASE_4B, build_flux2_klein),
+            "qwen2-vl-2b": (QWEN2_VL_2B, build_qwen2_vl),
+            "qwen3-vl-4b": (QWEN3_VL_4B, build_qwen3_vl_4b),
+            "qwen3-vl-8b": (QWEN3_VL_8B, build_qwen3_vl_8b)}

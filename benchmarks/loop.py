@@ -241,9 +241,7 @@ def klein_phase(root: Path, cache: Path, profile: str, args, env, log_file) -> t
 
     stack = tomllib.loads(config(profile, args))["models"].get("stack", args.klein_stack)
 
-    vlm = {"qwen2-vl-2b": (fullsize.QWEN2_VL_2B, fullsize.build_qwen2_vl),
-           "qwen3-vl-8b": (fullsize.QWEN3_VL_8B, fullsize.build_qwen3_vl_8b),
-           "qwen3-vl-4b": (fullsize.QWEN3_VL_4B, fullsize.build_qwen3_vl_4b)}[STACKS[stack].captioner]
+    vlm = fullsize.preset_builders()[STACKS[stack].captioner]
     if not fullsize.has_repo(cache, vlm[0]):
         edit["build_s"] += vlm[1](cache, tiny=args.tiny, device=args.build_device)
     if args.cap_gib and not args.tiny:

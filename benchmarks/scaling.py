@@ -58,21 +58,7 @@ TINY = {"flux1": "tiny", "flux1-kontext": "tiny", "klein4b": "tiny-klein"}  # a 
 GOAL = 1.8
 
 
-def builders() -> dict[str, tuple[str, object]]:
-    """Preset -> (hub repo that must be in the cache, the fullsize builder that writes it)."""
-    def kontext(cache, *, tiny, device):
-        if not fullsize.has_repo(cache, fullsize.FLUX_DEV):
-            fullsize.build_flux_dev(cache, tiny=tiny, device=device)
-        return fullsize.link_flux_kontext(cache)
-
-    return {"qwen-image-edit-2511-lightning": (fullsize.QWEN_EDIT, fullsize.build_qwen_image_edit),
-            "flux-kontext-dev": (fullsize.FLUX_KONTEXT, kontext),
-            "flux-dev": (fullsize.FLUX_DEV, fullsize.build_flux_dev),
-            "flux2-klein-4b": (fullsize.KLEIN_4B, fullsize.build_flux2_klein),
-            "flux2-klein-base-4b": (fullsize.KLEIN_BASE_4B, fullsize.build_flux2_klein),
-            "qwen2-vl-2b": (fullsize.QWEN2_VL_2B, fullsize.build_qwen2_vl),
-            "qwen3-vl-4b": (fullsize.QWEN3_VL_4B, fullsize.build_qwen3_vl_4b),
-            "qwen3-vl-8b": (fullsize.QWEN3_VL_8B, fullsize.build_qwen3_vl_8b)}
+builders = fullsize.preset_builders  # preset -> (hub repo it needs in the cache, its builder)
 
 
 def ensure(preset: str, cache: Path, args) -> None:
