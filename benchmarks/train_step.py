@@ -31,6 +31,7 @@ import argparse
 import gc
 import time
 from functools import partial
+from pathlib import Path
 
 FULL = dict(attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096,
             num_attention_heads=24, num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768,
@@ -39,6 +40,7 @@ TINY = dict(attention_head_dim=16, guidance_embeds=True, in_channels=64, joint_a
             num_layers=2, num_single_layers=2, patch_size=1, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 PROFILE = False
+TRACE = None  # --trace DIR: a Path
 
 
 def build(cfg: dict, device: str, lora_dtype, model_cls=None):
@@ -102,14 +104,48 @@ def reference_step(tr, opt, batch, params):
 
 
 def gpu_busy(step) -> float:
-    """Seconds of GPU kernel time in one step (torch.profiler): against wall time, shows CPU-boundness."""
+    """Seconds of GPU kernel time in one step (torch.profiler): against wall time, shows CPU-boundness. With
+    ``--trace DIR`` the step's CPU + GPU timeline also goes to DIR/stepN.json.gz (chrome://tracing, Perfetto),
+    and the GPU's idle gaps inside the step are summed (``trace_gaps``)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if TRACE else [])
+    with profile(activities=activities) as prof:
         step()
         torch.cuda.synchronize()
+    if TRACE:
+        import gzip
+        import json
+        import shutil
+
+        TRACE.mkdir(parents=True, exist_ok=True)
+        raw = TRACE / f"step{len(list(TRACE.glob('step*.json.gz')))}.json"
+        prof.export_chrome_trace(str(raw))
+        gaps = trace_gaps(json.loads(raw.read_text()))
+        with open(raw, "rb") as src, gzip.open(raw.with_suffix(".json.gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+        print(f"    GPU idle inside the step {gaps['idle_s'] * 1e3:.1f} ms in {gaps['gaps']} gaps > 50 us; largest "
+              f"{', '.join(f'{g * 1e3:.1f} ms before {n[:40]}' for g, n in gaps['largest'])}  "
+              f"({raw.with_suffix('.json.gz').name})", flush=True)
+        return gaps["busy_s"]
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+
+
+def trace_gaps(trace: dict, min_us: float = 50.0, top: int = 5) -> dict:
+    """GPU time of a chrome trace's kernels / copies (``busy_s``), and the idle time between the first and the
+    last: the sum of gaps longer than ``min_us`` and the ``top`` largest, each with the GPU work that follows."""
+    work = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in trace.get("traceEvents", [])
+                  if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    gaps, end = [], None
+    for start, stop, name in work:
+        if end is not None and start - end > min_us:
+            gaps.append(((start - end) / 1e6, name))
+        end = stop if end is None else max(end, stop)
+    busy = sum(stop - start for start, stop, _ in work) / 1e6
+    return {"busy_s": busy, "idle_s": sum(g for g, _ in gaps), "gaps": len(gaps),
+            "largest": sorted(gaps, reverse=True)[:top]}
 
 
 def measure(step, device: str, steps: int, warmup: int) -> tuple[float, float]:
@@ -276,12 +312,14 @@ def main() -> None:
     ap.add_argument("--micro", action="store_true", help="first time single fp8 vs bf16 layers")
     ap.add_argument("--probe-torchao", action="store_true", help="first try torchao's fp8 weights with a backward")
     ap.add_argument("--profile", action="store_true", help="also print each variant's GPU kernel time per step")
+    ap.add_argument("--trace", type=Path, default=None, help="with --profile: each profiled step's timeline "
+                    "to DIR/stepN.json.gz and its GPU idle gaps")
     ap.add_argument("--lowvram", action="store_true", help="only the quantize_base / adamw8bit table")
     ap.add_argument("--family", choices=["flux1", "klein"], default="flux1",
                     help="klein: a FLUX.2 klein-base-4B LoRA step and its diffusers reference (klein_step.py)")
     args = ap.parse_args()
-    global PROFILE
-    PROFILE = args.profile
+    global PROFILE, TRACE
+    PROFILE, TRACE = args.profile or args.trace is not None, args.trace
     cfg, dev = (TINY if args.tiny else FULL), args.device
     if dev.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(False)  # as flywheel train: cuDNN attention backward crashed

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -68,15 +68,18 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = True
     checkpoint_every_n_blocks: int = Field(
         0, ge=0, description="With checkpointing: 1 = every block, 2 = half...; 0 = auto (with fp8_matmul: none for a base of "
-                   "<= 6 B params at <= one 1024² image per step, else 2; without: 1).")
+                   "<= 6 B params at <= one 1024² image per step, else 2, or with compile recomputation inside the blocks "
+                   "(activation_memory_budget); without fp8_matmul: 1).")
     quantize_base: Literal["auto", "none", "fp8", "int8", "nf4"] = Field(
         "auto", description="Frozen base precision while training; 'auto' follows [models] quantization of the base.")
     compile: bool = Field(True, description="torch.compile per transformer block (CUDA only; skipped elsewhere).")
     compile_dynamic: bool = Field(
         False, description="With compile: one graph for every bucket shape instead of one per shape (each "
                            "static shape compiles every block type again, ~40 s on an H200).")
-    activation_memory_budget: float = Field(
-        1.0, gt=0, le=1, description="With compile: < 1 recomputes the cheapest activations to save memory.")
+    activation_memory_budget: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
+        "auto", description="With compile: < 1 recomputes the cheapest activations inside each block to save "
+        "memory (1 = keep all). 'auto': 0.5 where checkpointing 'auto' would checkpoint every 2nd block (a base "
+        "> 6 B params with fp8 matmuls, e.g. FLUX.1-dev), which it then replaces; else 1.")
     fp8_matmul: Literal["auto", "on", "off"] = Field(
         "auto", description="fp8 weights + fp8 matmuls on the frozen base; 'auto' = on with CUDA compute 8.9+.")
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "native"] = Field(

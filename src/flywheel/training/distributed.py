@@ -90,7 +90,7 @@ class Ranks:
         and returns the whole global batch on this rank's device (a few MB of cached tensors)."""
         import torch
 
-        from flywheel.training.flux_step import sample_sigmas
+        from flywheel.training.step import draw
 
         reducer = self._reducer_for(params)
         total = None
@@ -98,8 +98,7 @@ class Ranks:
             batch = make_batch(ids)
             lat = batch.latents
             n = lat.shape[0]
-            sigmas = sample_sigmas(n, generator, image_seq_len=family.image_seq_len(lat), sampling=sampling)
-            noise = torch.randn(lat.shape, generator=generator, dtype=torch.float32).to(lat.device, lat.dtype)
+            sigmas, noise = draw(family, lat, generator, sampling)
             part = self.part(n)
             share = (part.stop - part.start) / n / len(micro)
             if share == 0:

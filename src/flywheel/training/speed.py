@@ -11,7 +11,8 @@ measurements behind the defaults):
    ``Float8DynamicActivationFloat8WeightConfig`` stores fp8 weights but overrides ``F.linear`` above
    autograd, so its ``_scaled_mm`` has no backward (``benchmarks/train_step.py --probe-torchao`` shows it).
 2. ``attention_backend``: diffusers' attention dispatcher (``set_attention_backend``) on a PyTorch SDPA kernel.
-3. Activation checkpointing on every N-th block (``gradient_checkpointing``, ``checkpoint_every_n_blocks``).
+3. Activation checkpointing on every N-th block (``gradient_checkpointing``, ``checkpoint_every_n_blocks``),
+   or, compiled, selective recomputation inside each block (``activation_memory_budget``; ``checkpointing``).
 4. ``compile``: ``torch.compile`` per block (regional: two block types compile once each, in about a
    minute), fullgraph; ``activation_memory_budget`` < 1 lets the compiler's partitioner recompute the
    cheapest activations in the backward instead of saving them (selective checkpointing inside a block).
@@ -42,6 +43,7 @@ class Applied:
     attention_backend: str = "native"
     checkpointed_blocks: int = 0
     compiled_blocks: int = 0
+    activation_memory_budget: float = 1.0
     skipped: list[str] = field(default_factory=list)
 
 
@@ -109,31 +111,51 @@ def apply(transformer, cfg, device: str, *, base_quantize: str = "none") -> Appl
         _quiet_diffusers(transformer.set_attention_backend, SDPA_BACKENDS[backend])
     done.attention_backend = backend
 
-    # 3. Activation checkpointing on every N-th block, and 4. regional compile, one block at a time.
-    every = checkpoint_every(cfg, done.fp8_matmul, base_parameters(transformer))
+    # 3. Activation checkpointing on every N-th block (or, compiled, selective recomputation inside the
+    #    blocks), and 4. regional compile, one block at a time.
     compile_ = cfg.compile and cuda
     if cfg.compile and not cuda:
         skip("compile", f"torch.compile of the blocks runs on CUDA only ({device!r})")
+    every, budget = checkpointing(cfg, done.fp8_matmul, base_parameters(transformer), compiled=compile_)
+    done.activation_memory_budget = budget if compile_ else 1.0
     done.checkpointed_blocks, done.compiled_blocks = wrap_blocks(
-        transformer, every, compile=compile_, activation_memory_budget=cfg.activation_memory_budget,
-        dynamic=cfg.compile_dynamic)
+        transformer, every, compile=compile_, activation_memory_budget=budget, dynamic=cfg.compile_dynamic)
     log.info("training speed options: %s", done)
     return done
 
 
 # 'auto' checkpointing leaves a base this small uncheckpointed under fp8 matmuls, up to one 1024² image per
 # step. Measured on the H200 (benchmarks/train_step.py --family klein): klein-base-4B (3.9 B) at 1024², batch 1,
-# 0.161 s/step and 13.7 GiB with no checkpointing against 0.200 s and 9.5 GiB with every 2nd block; FLUX.1-dev
-# (12 B) needs every 2nd block to stay under 24 GiB (23.3 GiB). Activation memory grows with the pixels of a
-# step, so a bigger batch or resolution checkpoints again.
+# 0.164 s/step and 13.7 GiB with no checkpointing against 0.200 s and 9.5 GiB with every 2nd block. A bigger
+# base (FLUX.1-dev, 12 B) needs recomputation to stay under 24 GiB: compiled, the partitioner's selective
+# recomputation inside every block (activation_memory_budget 0.5: 0.421 s/step, 20.1 GiB at 1024²) beats
+# checkpointing every 2nd block (0.477 s, 23.3 GiB), which stays the choice without compile. Activation memory
+# grows with the pixels of a step, so a bigger batch or resolution checkpoints the small base again.
 SMALL_BASE_PARAMS = 6e9
 SMALL_BASE_PIXELS = 1024 * 1024
+AUTO_BUDGET = 0.5  # 0.3 and 0.7 measured the same memory (20.1 GiB) and no faster; 0.85 was 0.399 s at 29.8 GiB
+
+
+def checkpointing(cfg, fp8_matmul: bool, base_params: float = 0, *, compiled: bool = False) -> tuple[int, float]:
+    """(every how many blocks to checkpoint, 0 = none; the compiler's activation memory budget). With
+    ``checkpoint_every_n_blocks`` 'auto' (0) and ``activation_memory_budget`` 'auto': a small base with fp8
+    matmuls and at most a 1024² image per step (``SMALL_BASE_*``) keeps every activation; a bigger one
+    recomputes inside the compiled blocks (``AUTO_BUDGET``), or without compile checkpoints every 2nd block;
+    without fp8 matmuls (a bf16 base needs all the room it can get) every block is checkpointed."""
+    budget = cfg.activation_memory_budget
+    every = checkpoint_every(cfg, fp8_matmul, base_params)
+    auto = cfg.gradient_checkpointing and not cfg.checkpoint_every_n_blocks and fp8_matmul and every == 2
+    if budget == "auto":
+        budget = AUTO_BUDGET if auto and compiled else 1.0
+    if auto and compiled and budget < 1:  # recomputation inside the blocks replaces the 2nd-block checkpoints
+        every = 0
+    return every, float(budget)
 
 
 def checkpoint_every(cfg, fp8_matmul: bool, base_params: float = 0) -> int:
-    """Every how many blocks to checkpoint (0 = none). 'auto' (0): none for a small base with fp8 matmuls and
-    at most a 1024² image per step (``SMALL_BASE_*``), every 2nd block with fp8 matmuls (the fp8 base leaves
-    room: FLUX.1-dev at 1024² fits 24 GiB), every block otherwise (a bf16 base needs all the room it can get)."""
+    """Every how many blocks to checkpoint (0 = none) without compile. 'auto' (0): none for a small base with fp8
+    matmuls and at most a 1024² image per step (``SMALL_BASE_*``), every 2nd block with fp8 matmuls (the fp8
+    base leaves room: FLUX.1-dev at 1024² fits 24 GiB), every block otherwise."""
     if not cfg.gradient_checkpointing:
         return 0
     if cfg.checkpoint_every_n_blocks:

@@ -2,6 +2,8 @@
 
 Only ``family.image_seq_len`` (for the timestep shift) and ``family.loss`` differ between families; t and the
 noise come from the run's CPU generator, so a resumed run draws exactly what the uninterrupted one did.
+They (and the cached batch) reach the GPU through pinned memory without a wait (``to_device``): a plain copy
+from pageable memory first waits for every kernel already queued, so each step would start on an idle GPU.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ def train_step(family, transformer, optimizer, batch: Batch, generator, *, param
     import torch
 
     lat = batch.latents
-    sigmas = sample_sigmas(lat.shape[0], generator, image_seq_len=family.image_seq_len(lat), sampling=sampling)
-    noise = torch.randn(lat.shape, generator=generator, dtype=torch.float32).to(lat.device, lat.dtype)
+    sigmas, noise = draw(family, lat, generator, sampling)
     loss = family.loss(transformer, batch, noise, sigmas, guidance=guidance)
     loss.backward()
     if max_grad_norm:
@@ -26,3 +27,25 @@ def train_step(family, transformer, optimizer, batch: Batch, generator, *, param
     if lr_scheduler is not None:
         lr_scheduler.step()
     return loss.detach()
+
+
+def draw(family, lat, generator, sampling: str):
+    """(t, noise) for the latents ``lat``, drawn on the CPU from ``generator`` and sent to ``lat``'s device."""
+    import torch
+
+    sigmas = sample_sigmas(lat.shape[0], generator, image_seq_len=family.image_seq_len(lat), sampling=sampling)
+    noise = torch.randn(lat.shape, generator=generator, dtype=torch.float32)
+    return to_device(sigmas, lat.device), to_device(noise, lat.device, lat.dtype)
+
+
+def to_device(tensor, device, dtype=None):
+    """``tensor.to(device, dtype)`` that does not make the CPU wait for the GPU: to a CUDA device through pinned
+    memory, asynchronously (the pinned copy stays alive until the copy is done: PyTorch's caching host
+    allocator records the stream), then cast there. The values are exactly those of ``tensor.to(...)``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device, dtype) if dtype is not None else tensor.to(device)
+    out = tensor.pin_memory().to(device, non_blocking=True)
+    return out.to(dtype) if dtype is not None else out

@@ -8,6 +8,7 @@ from typing import Any
 
 from flywheel.training import flux_step, lora_io, targets
 from flywheel.training.families import load_on_cpu
+from flywheel.training.step import to_device
 
 
 class Flux1:
@@ -41,9 +42,9 @@ class Flux1:
     def batch(self, latents: list, texts: list[dict], device, dtype) -> flux_step.Batch:
         import torch
 
-        return flux_step.Batch(latents=torch.cat(latents).to(device, dtype),
-                               prompt_embeds=torch.cat([t["prompt_embeds"] for t in texts]).to(device, dtype),
-                               pooled=torch.cat([t["pooled"] for t in texts]).to(device, dtype))
+        return flux_step.Batch(latents=to_device(torch.cat(latents), device, dtype),
+                               prompt_embeds=to_device(torch.cat([t["prompt_embeds"] for t in texts]), device, dtype),
+                               pooled=to_device(torch.cat([t["pooled"] for t in texts]), device, dtype))
 
     def image_seq_len(self, latents) -> int:
         h, w = latents.shape[-2:]

@@ -22,6 +22,7 @@ from typing import Any
 from flywheel.training import lora_io
 from flywheel.training.families import load_on_cpu
 from flywheel.training.flux_step import Batch
+from flywheel.training.step import to_device
 
 # Flux2Transformer2DModel's Linear layers by name ({i}: a block index); tests check it against the tiny twin.
 KLEIN_LINEARS = (
@@ -113,8 +114,8 @@ class Flux2Klein:
     def batch(self, latents: list, texts: list[dict], device, dtype) -> Batch:
         import torch
 
-        return Batch(latents=torch.cat(latents).to(device, dtype),
-                     prompt_embeds=torch.cat([t["prompt_embeds"] for t in texts]).to(device, dtype), pooled=None)
+        return Batch(latents=to_device(torch.cat(latents), device, dtype),
+                     prompt_embeds=to_device(torch.cat([t["prompt_embeds"] for t in texts]), device, dtype), pooled=None)
 
     def image_seq_len(self, latents) -> int:
         h, w = latents.shape[-2:]
