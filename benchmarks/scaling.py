@@ -222,7 +222,6 @@ def main() -> None:
     # presets from this cache.
     os.environ.update({"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
                        "FLYWHEEL_CACHE": str(args.root / "flywheel-cache")})
-    import ray
     import torch
 
     gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
@@ -234,8 +233,10 @@ def main() -> None:
     results: dict = {**(json.loads(out.read_text()) if out.exists() else {}), "gpu": gpu, "n": args.gpus,
                      "stack": args.stack}
     todo = [w for w in ("edits", "captions", "training") if w in args.what or "all" in args.what]
-    base = None
+    base, ray = None, None
     for what in [w for w in todo if w != "training"]:
+        import ray  # only the replicated stages need it: training ranks are torch.distributed processes
+
         if not ray.is_initialized():
             ray.init(num_cpus=max(args.gpus + 1, 2) if args.device == "cpu" else None, include_dashboard=False,
                      log_to_driver=False)
@@ -258,7 +259,7 @@ def main() -> None:
                   flush=True)
         out.write_text(json.dumps(results, indent=2, default=str))
     if "training" in todo:
-        if ray.is_initialized():
+        if ray is not None and ray.is_initialized():
             ray.shutdown()  # the replicas' GPUs go back before the training ranks start
         results["training"] = training(args, cache)
         print(f"training  speed-up on {args.gpus} vs 1: {results['training']['speedup']:.2f}x", flush=True)
