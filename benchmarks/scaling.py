@@ -169,6 +169,7 @@ def training(args, cache: Path) -> dict:
                               train=["max_sequence_length=32"] if args.tiny else [], profile=None)
     rows = {}
     for k in (1, args.gpus):
+        shutil.rmtree(args.root / f"train-{k}", ignore_errors=True)  # a new project each run, like measure()'s
         project = train_gpus.make_project(args.root / f"train-{k}", 8, res)
         try:
             rows[k] = train_gpus.measure(project, base, k, opts)
