@@ -28,16 +28,14 @@ class _Timed:
 def profile(totals: dict):
     """Where the driver's time goes during a stage on Ray replicas, by wrapping (for the stage only) the
     points every stage passes through: ``RemoteModel.map_remote`` (the stage's unit generator = prepare;
-    ``ActorPool.submit`` = send; ``ActorPool.get_next`` = wait on the actors; the time the stage holds each
+    ``RemoteModel._send`` = send; ``RemoteModel._wait`` = wait on the actors; the time the stage holds each
     outcome = record), ``Catalog.execute`` (every SQL statement, commits included) and
     ``ImageStore.put_image`` (PNG encode + fsync). ``busy`` sums the replicas' own call seconds."""
-    from ray.util import ActorPool
-
     from flywheel.catalog.db import Catalog
     from flywheel.catalog.store import ImageStore
     from flywheel.compute.ray_pool import RemoteModel
 
-    inside: list[str] = []  # send/wait being timed: get_next submits the queued units, counted as send only
+    inside: list[str] = []  # send/wait being timed: a send inside a wait is counted as send only
 
     def timed(fn, key):
         exclusive = key in ("send", "wait")
@@ -73,8 +71,8 @@ def profile(totals: dict):
             yield out
             totals["record"] += time.perf_counter() - t0
 
-    saved = [(RemoteModel, "map_remote", map_remote), (ActorPool, "submit", ActorPool.submit),
-             (ActorPool, "get_next", ActorPool.get_next), (Catalog, "execute", Catalog.execute),
+    saved = [(RemoteModel, "map_remote", map_remote), (RemoteModel, "_send", RemoteModel._send),
+             (RemoteModel, "_wait", RemoteModel._wait), (Catalog, "execute", Catalog.execute),
              (ImageStore, "put_image", ImageStore.put_image)]
     RemoteModel.map_remote = profiled_map
     for (cls, name, fn), key in zip(saved[1:], ["send", "wait", "catalog_sql", "store_put_image"]):
@@ -92,8 +90,8 @@ def breakdown(r: dict) -> str:
     other_map = t["in_map"] - t["prepare"] - t["send"] - t["wait"]
     outside = stage - t["in_map"] - t["record"]
     parts = [("prepare units (stage's generator: read inputs, 'running' rows)", t["prepare"]),
-             ("send to actors (ActorPool.submit: pickling inputs)", t["send"]),
-             ("wait on actors (ActorPool.get_next: results included)", t["wait"]),
+             ("send to actors (pickling inputs)", t["send"]),
+             ("wait on actors (until one finishes)", t["wait"]),
              ("record results (stage code per outcome: rows, store)", t["record"]),
              ("other dispatch", other_map), ("before/after the units (planning, summary)", outside)]
     lines = [f"    {name:64s} {s:8.2f} s {s / stage:6.1%}" for name, s in parts]

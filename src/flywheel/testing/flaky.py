@@ -55,3 +55,15 @@ class FlakyVLM:
 
     def params(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "fail_on": self.fail_on}
+
+
+class Sleeper:
+    """``work(seconds)`` sleeps that long (a GPU call that leaves the CPU free) and returns when it ended."""
+
+    model_id = "sleeper"
+
+    def work(self, seconds: float) -> float:
+        import time
+
+        time.sleep(seconds)
+        return time.time()
