@@ -48,7 +48,7 @@ class ModelsConfig(Section):
     vlm_batch_size: int = Field(16, ge=1, le=512, description="Requests per VLM forward pass (captions, judge).")
     vlm_compile: Literal["auto", "on", "off"] = Field(
         "off", description="Captions: static KV cache + torch.compile'd decode step with CUDA graphs. 'auto': on "
-        "with a CUDA GPU and unquantized weights, off on CPU. Off by default: it pays off past ~400 images per "
+        "with a CUDA GPU and unquantized weights, off on CPU. Off by default: it pays off past ~140 images per "
         "process, and on the H200 a compiled 8B captioner outlived its stage (docs/models.md, VLM speed).")
     cpu_offload: bool = False
     trust_remote_code: bool = False

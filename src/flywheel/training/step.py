@@ -3,7 +3,8 @@
 Only ``family.image_seq_len`` (for the timestep shift) and ``family.loss`` differ between families; t and the
 noise come from the run's CPU generator, so a resumed run draws exactly what the uninterrupted one did.
 They (and the cached batch) reach the GPU through pinned memory without a wait (``to_device``): a plain copy
-from pageable memory first waits for every kernel already queued, so each step would start on an idle GPU.
+from pageable memory first waits for every kernel already queued, which stops the CPU from queueing the next
+step while the GPU still runs this one.
 """
 
 from __future__ import annotations
