@@ -268,3 +268,18 @@ def test_to_device_copies_asynchronously_from_pinned_memory_on_cuda():
     out = to_device(x, "cuda", torch.bfloat16)
     assert out.is_cuda and out.dtype == torch.bfloat16
     assert torch.equal(out.cpu(), x.to(torch.bfloat16))
+
+
+def test_the_training_attention_kernel_stays_on_the_trained_model():
+    """diffusers' set_attention_backend also sets the process-wide default: a model built after training (the
+    pipelines of the same `flywheel run`) ran on the training kernel, and the plain path computed differently
+    from a spawned --gpus worker (an order-dependent test failure). Only the trained model changes now."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    tr, _ = _model()
+    done = speed.apply(tr, TrainConfig(attention_backend="math"), "cpu")
+    assert done.attention_backend == "math"
+    assert _AttentionBackendRegistry._active_backend == before
+    procs = [m.processor for m in tr.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
+    assert procs and {str(p._attention_backend.value) for p in procs} == {"_native_math"}

@@ -108,7 +108,7 @@ def apply(transformer, cfg, device: str, *, base_quantize: str = "none") -> Appl
 
         if backend == "cudnn":  # train.py switches cuDNN attention off globally (it crashed on torch 2.11)
             torch.backends.cuda.enable_cudnn_sdp(True)
-        _quiet_diffusers(transformer.set_attention_backend, SDPA_BACKENDS[backend])
+        set_attention_backend(transformer, SDPA_BACKENDS[backend])
     done.attention_backend = backend
 
     # 3. Activation checkpointing on every N-th block (or, compiled, selective recomputation inside the
@@ -209,6 +209,21 @@ def adamw_options(cfg, params) -> dict:
     if cfg.fused_optimizer:
         log.info("[train] fused_optimizer skipped: the LoRA parameters are not on a CUDA GPU")
     return {}
+
+
+def set_attention_backend(model, name: str) -> None:
+    """``model.set_attention_backend(name)`` for ``model`` only. diffusers also makes the backend the process-wide
+    default, so every model built later in the process (the pipelines ``flywheel run`` loads after training, the
+    next benchmark variant, the next test) would use it too, and the plain path would compute differently from
+    a spawned ``--gpus`` worker that never trained before. The attention processors pass their own backend, so
+    restoring the default leaves ``model`` on ``name``."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    try:
+        _quiet_diffusers(model.set_attention_backend, name)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(before)
 
 
 def _quiet_diffusers(fn, *args):
