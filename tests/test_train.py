@@ -283,3 +283,38 @@ def test_int8_and_nf4_bases_train_under_peft(dataset_project, tiny_cfg, monkeypa
     assert np.allclose(quant.losses, plain.losses, rtol=0.15 if mode == "nf4" else 0.02)
     a, b = load_file(str(plain.lora_path)), load_file(str(quant.lora_path))
     assert a.keys() == b.keys()
+
+
+def test_a_step_is_reported_once_the_next_is_queued_and_checkpoints_wait_for_none(dataset_project, tiny_cfg,
+                                                                                   monkeypatch):
+    """The loss of step k is read after step k+1 is queued (the GPU never idles while the CPU prepares a step),
+    except at a checkpoint, samples and the last step, which see nothing queued after them. The losses are
+    recorded in order, once each, and a non-finite loss still stops the run naming its own step."""
+    import torch
+
+    import flywheel.train as train_mod
+
+    real, launched, seen = train_mod.train_step, [], []
+
+    def counting_step(*args, **kwargs):
+        launched.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", counting_step)
+    cfg = tiny_cfg.model_copy(update={"steps": 5, "checkpoint_every": 2})
+    result = train(dataset_project, cfg, progress=lambda done, total, label="": seen.append((done, len(launched))))
+    assert seen == [(1, 2), (2, 2), (3, 4), (4, 4), (5, 5)]  # 2 and 4: checkpoints; 5: the end
+    assert len(result.losses) == 5
+
+    def exploding_step(*args, **kwargs):
+        launched.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("inf") if len(launched) == 3 else loss
+
+    launched.clear()
+    monkeypatch.setattr(train_mod, "train_step", exploding_step)
+    from flywheel.errors import StageError
+
+    with pytest.raises(StageError, match="the loss became inf at step 3 of 5"):
+        train(dataset_project, cfg.model_copy(update={"seed": 7}))
+    assert torch.isfinite(torch.tensor(result.losses)).all()

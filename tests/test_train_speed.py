@@ -283,3 +283,17 @@ def test_the_training_attention_kernel_stays_on_the_trained_model():
     assert _AttentionBackendRegistry._active_backend == before
     procs = [m.processor for m in tr.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
     assert procs and {str(p._attention_backend.value) for p in procs} == {"_native_math"}
+
+
+@pytest.mark.gpu
+def test_late_loss_reads_a_step_without_waiting_for_the_next():
+    """The value read after more work was queued is the step's own loss, from pinned memory."""
+    from flywheel.training.step import LateLoss
+
+    x = torch.randn(2048, 2048, device="cuda")
+    loss = (x * 2).sum()
+    late = LateLoss(loss)
+    for _ in range(20):  # the next step's work, queued behind the loss copy
+        x = x @ x / 2048
+    assert late.host.is_pinned()
+    assert late.value() == float(loss)

@@ -35,7 +35,7 @@ from flywheel.training.families import family_for_folder
 from flywheel.training.flux_step import Batch
 from flywheel.training.setup import base_load, check_runnable
 from flywheel.training.speed import apply as apply_speed_options
-from flywheel.training.step import train_step
+from flywheel.training.step import LateLoss, train_step
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
         p.data = p.data.float()  # LoRA weights and optimizer state in fp32, the frozen base in bf16
     transformer.train()
     optimizer = setup.optimizer(cfg, list(named.values()))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, setup.lr_factor(cfg))
     generator = torch.Generator().manual_seed(cfg.seed)
     step, data, losses = 0, _new_epoch(groups, cfg, 0), []
     last = checkpoint.list_checkpoints(run_dir)
@@ -222,7 +222,22 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
         return family.batch([latents[by_id[i].sha256] for i in ids],
                             [text["" if d else captions[i]] for i, d in zip(ids, drop.tolist())], device, dtype)
 
+    # A step's loss is read once the next step is queued (``LateLoss``: waits for that step only), so the GPU
+    # never idles while the CPU prepares a step; before a checkpoint, samples or the end, it is read at once.
     step_times: list[float] = []
+    pending, last = None, [time.perf_counter()]
+
+    def record(entry) -> None:
+        done, late, step_lr, epoch = entry
+        losses.append({"step": done, "loss": late.value(), "lr": step_lr, "epoch": epoch})
+        step_times.append(time.perf_counter() - last[0])
+        last[0] = time.perf_counter()
+        if not math.isfinite(losses[-1]["loss"]):
+            raise StageError(f"run {run_id} stopped: the loss became {losses[-1]['loss']} at step {done} of {cfg.steps} "
+                             f"(learning_rate {cfg.learning_rate:g})",
+                             hint="lower learning_rate (or max_grad_norm) in [train] of flywheel.toml, then "
+                             "`flywheel train --resume` or `flywheel run`: changed settings start a new run")
+
     while step < cfg.steps:
         micro = []  # the global batches of one optimizer step (gradient_accumulation of them)
         for _ in range(cfg.gradient_accumulation):
@@ -231,26 +246,29 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
             micro.append(data["order"][data["position"]])
             data["position"] += 1
         lr = scheduler.get_last_lr()[0]
-        t0 = time.perf_counter()
         opts = {"params": list(named.values()), "guidance": cfg.guidance, "sampling": cfg.timestep_sampling,
                 "max_grad_norm": cfg.max_grad_norm, "lr_scheduler": scheduler}
         loss = (ranks.step(family, transformer, optimizer, micro, batch_for, generator, **opts)  # ranks, accumulation
                 if ranks.group or len(micro) > 1 else
                 train_step(family, transformer, optimizer, batch_for(micro[0]), generator, **opts))
         step += 1
-        losses.append({"step": step, "loss": float(loss), "lr": lr, "epoch": data["epoch"]})  # float(): waits for the GPU
-        step_times.append(time.perf_counter() - t0)
-        if not math.isfinite(losses[-1]["loss"]):
-            raise StageError(f"run {run_id} stopped: the loss became {losses[-1]['loss']} at step {step} of {cfg.steps} "
-                             f"(learning_rate {cfg.learning_rate:g})",
-                             hint="lower learning_rate (or max_grad_norm) in [train] of flywheel.toml, then "
-                             "`flywheel train --resume` or `flywheel run`: changed settings start a new run")
-        if ranks.main and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        entry = (step, LateLoss(loss), lr, data["epoch"])
+        if pending is not None:
+            record(pending)
+            progress(pending[0], cfg.steps, f"loss {losses[-1]['loss']:.4f}")
+        pending = entry
+        save = ranks.main and step % cfg.checkpoint_every == 0 and step < cfg.steps
+        render = ranks.main and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps
+        if not (save or render or step == cfg.steps):
+            continue
+        record(pending)  # the LoRA and the optimizer are saved as of this step: nothing is queued after it
+        pending = None
+        if save:
             ck = checkpoint.save_checkpoint(run_dir, step, lora={n: p for n, p in named.items()}, optimizer=optimizer,
                                             lr_scheduler=scheduler, generator=generator, data=data, losses=losses,
                                             keep=cfg.keep_checkpoints)
             samples.record(project, "checkpoint", ck, run_id, step, hash_file=False)
-        if ranks.main and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+        if render:
             samples.render(project, family, pipe, transformer, cfg, text, sample_prompts, run_id, run_dir, step,
                            device)
         progress(step, cfg.steps, f"loss {losses[-1]['loss']:.4f}")
@@ -309,19 +327,6 @@ def _new_epoch(groups: dict, cfg: TrainConfig, epoch: int) -> dict:
         batches += [items[i:i + size] for i in range(0, len(items), size)]
     rng.shuffle(batches)
     return {"epoch": epoch, "order": batches, "position": 0}
-
-
-def _lr_lambda(cfg: TrainConfig):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        if cfg.lr_scheduler == "linear":
-            return max(0.0, 1.0 - frac)
-        if cfg.lr_scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        return 1.0
-    return factor
 
 
 def _next_round(cat) -> int:

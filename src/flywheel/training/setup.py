@@ -3,6 +3,7 @@ the checks that fail before minutes of loading, and the optimizer."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from flywheel.config import TrainConfig
@@ -58,3 +59,18 @@ def optimizer(cfg: TrainConfig, params: list):
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     # adamw_options: the fused CUDA kernel ([train] fused_optimizer)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **adamw_options(cfg, params))
+
+
+def lr_factor(cfg: TrainConfig):
+    """The learning rate's factor at each step (``LambdaLR``): linear warm-up, then constant, linear or cosine."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - frac)
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+    return factor

@@ -50,3 +50,26 @@ def to_device(tensor, device, dtype=None):
         return tensor.to(device, dtype) if dtype is not None else tensor.to(device)
     out = tensor.pin_memory().to(device, non_blocking=True)
     return out.to(dtype) if dtype is not None else out
+
+
+class LateLoss:
+    """A step's loss, to be read after the next step is queued. On a GPU it is copied to pinned memory behind
+    the step's kernels and an event marks the copy, so ``value()`` waits for that step only: ``float(loss)``
+    would wait for everything queued since, the next step included. Elsewhere it is the loss itself."""
+
+    def __init__(self, loss):
+        import torch
+
+        loss, self.event = loss.detach(), None
+        if loss.is_cuda:
+            self.host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            self.host.copy_(loss, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = loss
+
+    def value(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return float(self.host)
