@@ -117,15 +117,15 @@ def gpu_busy(step) -> float:
     if TRACE:
         import gzip
         import json
-        import shutil
 
         TRACE.mkdir(parents=True, exist_ok=True)
         raw = TRACE / f"step{len(list(TRACE.glob('step*.json.gz')))}.json"
-        prof.export_chrome_trace(str(raw))
-        gaps = trace_gaps(json.loads(raw.read_text()))
-        with open(raw, "rb") as src, gzip.open(raw.with_suffix(".json.gz"), "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        prof.export_chrome_trace(str(raw))  # torch writes plain JSON only
+        text = raw.read_text()
         raw.unlink()
+        with gzip.open(raw.with_suffix(".json.gz"), "wt") as out:
+            out.write(text)
+        gaps = trace_gaps(json.loads(text))
         print(f"    GPU idle inside the step {gaps['idle_s'] * 1e3:.1f} ms in {gaps['gaps']} gaps > 50 us; largest "
               f"{', '.join(f'{g * 1e3:.1f} ms before {n[:40]}' for g, n in gaps['largest'])}  "
               f"({raw.with_suffix('.json.gz').name})", flush=True)

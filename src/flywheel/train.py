@@ -225,13 +225,15 @@ def _run(project, family, cfg: TrainConfig, ds, base: str, run_id: int, run_dir:
     # A step's loss is read once the next step is queued (``LateLoss``: waits for that step only), so the GPU
     # never idles while the CPU prepares a step; before a checkpoint, samples or the end, it is read at once.
     step_times: list[float] = []
-    pending, last = None, [time.perf_counter()]
+    pending, t_recorded = None, time.perf_counter()
 
     def record(entry) -> None:
+        nonlocal t_recorded
         done, late, step_lr, epoch = entry
         losses.append({"step": done, "loss": late.value(), "lr": step_lr, "epoch": epoch})
-        step_times.append(time.perf_counter() - last[0])
-        last[0] = time.perf_counter()
+        now = time.perf_counter()
+        step_times.append(now - t_recorded)
+        t_recorded = now
         if not math.isfinite(losses[-1]["loss"]):
             raise StageError(f"run {run_id} stopped: the loss became {losses[-1]['loss']} at step {done} of {cfg.steps} "
                              f"(learning_rate {cfg.learning_rate:g})",

@@ -47,9 +47,8 @@ def to_device(tensor, device, dtype=None):
 
     device = torch.device(device)
     if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device, dtype) if dtype is not None else tensor.to(device)
-    out = tensor.pin_memory().to(device, non_blocking=True)
-    return out.to(dtype) if dtype is not None else out
+        return tensor.to(device, dtype)
+    return tensor.pin_memory().to(device, non_blocking=True).to(dtype=dtype)
 
 
 class LateLoss:
