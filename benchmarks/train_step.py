@@ -162,6 +162,8 @@ def measure(step, device: str, steps: int, warmup: int) -> tuple[float, float]:
     float(loss)  # waits for the GPU
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    if device.startswith("cuda"):  # what a card must hold: CUDA graphs keep their own memory pool
+        print(f"    peak reserved {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB", flush=True)
     if PROFILE and device.startswith("cuda"):
         print(f"    GPU kernel time {gpu_busy(step):.3f} s of {dt:.3f} s wall", flush=True)
     return dt, peak
@@ -210,6 +212,7 @@ def variant_config(spec: str):
     """A [train] config from a variant spec: 'default' (TrainConfig's defaults, what `flywheel train` runs)
     plus '+'-joined overrides: bf16 | fp8 (fp8-stored base, bf16 matmuls) | fp8mm (fp8 matmuls); ckptN
     (checkpoint every N-th block, 0 = none); compile | eager; dyn (compile_dynamic: one graph for all shapes);
+    graphs | nographs (cuda_graphs on / off);
     budgetX (activation_memory_budget); attn=NAME;
     nofused. Returns (TrainConfig, base quantization as stored before speed.apply)."""
     from flywheel.config import TrainConfig
@@ -227,6 +230,8 @@ def variant_config(spec: str):
             over["compile"] = tok == "compile"
         elif tok == "dyn":
             over["compile_dynamic"] = True
+        elif tok in ("graphs", "nographs"):
+            over["cuda_graphs"] = "on" if tok == "graphs" else "off"
         elif tok.startswith("budget"):
             over["activation_memory_budget"] = float(tok[6:])
         elif tok.startswith("attn="):
@@ -256,7 +261,7 @@ def run_variant(spec: str, cfg_dims: dict, dev: str, res_list, args, report) -> 
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=cfg.weight_decay, **speed.adamw_options(cfg, params))
     gen = torch.Generator().manual_seed(0)
     what = (f"fp8mm={done.fp8_matmul} attn={done.attention_backend} ckpt={done.checkpointed_blocks} "
-            f"compiled={done.compiled_blocks}")
+            f"compiled={done.compiled_blocks} graphs={done.cuda_graphs}")
     for res in res_list:
         batch = inputs(cfg_dims, res, dev)
         step = partial(train_step, tr, opt, batch, gen, params=params)

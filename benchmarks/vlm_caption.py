@@ -100,7 +100,7 @@ def main() -> None:  # one measurement script, read top to bottom
 
     from flywheel.models.base import ChatRequest
     from flywheel.models.qwen_vl import QwenVLModel
-    from flywheel.models.vlm_speed import decode_kwargs
+    from flywheel.models.vlm_speed import cache_length, decode_kwargs
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny config: checks the code path, measures nothing")
@@ -166,7 +166,7 @@ def main() -> None:  # one measurement script, read top to bottom
 
     def plain(inputs, new_tokens: int, static: bool):
         """``model.generate`` as transformers ships it."""
-        extra = decode_kwargs(device, inputs["input_ids"].shape[1], new_tokens, backend=vlm.compile_backend) \
+        extra = decode_kwargs(device, cache_length(inputs["input_ids"].shape[1], new_tokens), backend=vlm.compile_backend) \
             if static else {}
         with stock_attention(), torch.inference_mode():
             return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -204,7 +204,8 @@ def main() -> None:  # one measurement script, read top to bottom
     first: dict[str, float] = {}
 
     def fly_compiled(b: int) -> None:
-        vlm.compiled_decode = True
+        vlm.compile = "on"
+        vlm._use_compiled(True)
         if not first:  # the process's first compiled call: compilation included, reported on its own
             _, first["s"], _ = clock(lambda: caption(b, args.new_tokens))
         # A new shape records CUDA graphs (or, once, compiles again with dynamic shapes): a short call, timed apart.
@@ -225,7 +226,7 @@ def main() -> None:  # one measurement script, read top to bottom
         record("plain generate, static cache", b, s, peak, new_shape_s=warm_s)
 
     def fly_eager(b: int) -> None:  # as with vlm_compile = "off": no static cache, transformers' attention
-        vlm.compiled_decode = False
+        vlm.compile, vlm.compiled_decode = "off", False
         with stock_attention():
             caption(b, 4)
             _, s, peak = clock(lambda: caption(b, args.new_tokens))

@@ -163,3 +163,17 @@ def test_a_camera_edit_states_its_angle_even_when_the_vlm_leaves_it_out(project,
     assert got[turned][0] == "fw_test in a red studio, seen from slightly to the left"
     assert got[said][0] == "fw_test seen from slightly to the left, studio light"  # already said: unchanged
     assert got[beach][0] == "fw_test on a beach"  # not a camera edit
+
+
+def test_the_captioner_is_told_the_stage_size_before_its_first_batch(project, three_images):
+    """The stage's size decides whether compiling the decode step pays off (vlm_compile = "auto"), so the
+    captioner hears it before the first batch, not batch by batch."""
+    heard = []
+
+    class Listens(ScriptedVLM):
+        def expect(self, requests):
+            heard.append((requests, len(self.requests)))
+
+    vlm = Listens().enqueue("fw_test a.", "fw_test b.", "fw_test c.")
+    caption(project, with_caption(project, batch_size=2), vlm=vlm)
+    assert heard == [(3, 0)]

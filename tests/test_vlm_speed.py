@@ -81,23 +81,58 @@ def test_static_cache_decode_gives_the_same_captions_as_the_default_cache(tiny_v
     groups = text.num_attention_heads // text.num_key_value_heads
     # Decode steps ran with the query heads folded onto their key/value head (one query position each).
     assert (3, text.num_key_value_heads, groups, text.hidden_size // text.num_attention_heads) in shapes
+    # A short batch keeps the compiled shape (filled up with copies of its last request, their answers
+    # dropped), and a shorter prompt keeps the longer cache: neither is a new shape to compile.
+    calls = []
+    run = fast.model.generate
+    monkeypatch.setattr(fast.model, "generate", lambda **kw: calls.append(kw) or run(**kw))
     assert fast.generate(reqs[1:3], max_new_tokens=6) == plain.generate(reqs[1:3], max_new_tokens=6)
+    assert fast.generate(reqs[2:3], max_new_tokens=6) == plain.generate(reqs[2:3], max_new_tokens=6)
+    assert [len(c["input_ids"]) for c in calls] == [3, 3]
+    assert calls[0]["max_cache_len"] == calls[1]["max_cache_len"] == cache_length(1, 10)  # the first call's
 
 
 def test_vlm_compile_setting_resolves_per_device_and_reaches_the_adapter(tiny_vlm_dir):
     from flywheel.errors import ConfigError
     from flywheel.models import load_vlm
 
+    from flywheel.models.vlm_speed import COMPILE_PAYS_OFF
+
     assert use_compiled_decode("auto", "cuda", "none") and not use_compiled_decode("auto", "cpu", "none")
+    # "auto" compiles for a stage big enough to win the compilation back, not for a handful of requests.
+    assert use_compiled_decode("auto", "cuda", "none", requests=COMPILE_PAYS_OFF)
+    assert not use_compiled_decode("auto", "cuda", "none", requests=COMPILE_PAYS_OFF - 1)
+    assert use_compiled_decode("on", "cuda", "none", requests=1)
     assert not use_compiled_decode("auto", "cuda", "nf4")  # bitsandbytes layers do not compile
     assert use_compiled_decode("on", "cpu", "none") and not use_compiled_decode("off", "cuda", "none")
     with pytest.raises(ConfigError, match="vlm_compile"):
         use_compiled_decode("fast", "cuda", "none")
-    assert ModelsConfig().vlm_compile == "off"  # a project's tens of images do not pay for a compilation
+    assert ModelsConfig().vlm_compile == "auto"
     vlm = load_vlm(str(tiny_vlm_dir), ModelsConfig(vlm_compile="off"))
     assert vlm.params()["compile"] == "off" and vlm.params()["compiled_decode"] is False
     with pytest.raises(ValueError, match="vlm_compile"):
         ModelsConfig(vlm_compile="yes")
+
+
+def test_the_stage_size_decides_the_compiled_decode_once(tiny_vlm, monkeypatch):
+    """``expect`` (the caption stage's size) or a call's own size decides; once compiled, a process stays
+    compiled (the compilation is paid for). The threshold is patched: "auto" never compiles on a CPU."""
+    from flywheel.models import vlm_speed
+
+    monkeypatch.setattr(vlm_speed, "use_compiled_decode", lambda setting, device, quant, requests=None:
+                        setting == "auto" and requests is not None and requests >= 3)
+    vlm = _adapter(tiny_vlm, 56 * 56 * 2)
+    vlm.compile_backend = "eager"
+    assert not vlm.compiled_decode
+    vlm.expect(2)
+    vlm.generate(_requests()[:1], max_new_tokens=2)
+    assert not vlm.compiled_decode and vlm.params()["compiled_decode"] is False
+    vlm.expect(5)
+    vlm.generate(_requests()[:1], max_new_tokens=2)
+    assert vlm.compiled_decode
+    vlm.expect(1)
+    vlm.generate(_requests()[:1], max_new_tokens=2)
+    assert vlm.compiled_decode
 
 
 def test_pixel_budget_reaches_the_processor_as_its_max_pixels(tiny_vlm):

@@ -187,6 +187,8 @@ def _caption(project: Project, config: Config, vlm, todo, policy: str, prompt: s
         # 3. Ask the VLM for each batch (one recorded call; here, or on Ray replicas: flywheel.compute), or
         #    use templates.
         if ccfg.mode == "vlm":
+            if hasattr(vlm, "expect"):  # the stage's size decides whether compiling the decode step pays off
+                vlm.expect(len(todo))
             calls = ((b, ([ChatRequest(text=prompt, images=[project.store.open_image(r["sha256"])]) for r in b],))
                      for b in batches)
             outcomes = map_calls(vlm, "generate", calls, max_new_tokens=ccfg.max_new_tokens)

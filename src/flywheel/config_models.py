@@ -47,9 +47,9 @@ class ModelsConfig(Section):
     vlm_max_pixels: int = Field(1024 * 1024, ge=56 * 56, description="Images are downscaled to this many pixels.")
     vlm_batch_size: int = Field(16, ge=1, le=512, description="Requests per VLM forward pass (captions, judge).")
     vlm_compile: Literal["auto", "on", "off"] = Field(
-        "off", description="Captions: static KV cache + torch.compile'd decode step with CUDA graphs. 'auto': on "
-        "with a CUDA GPU and unquantized weights, off on CPU. Off by default: it pays off past ~140 images per "
-        "process, and on the H200 a compiled 8B captioner outlived its stage (docs/models.md, VLM speed).")
+        "auto", description="Captions: static KV cache + torch.compile'd decode step with CUDA graphs. 'auto': on "
+        "with a CUDA GPU and unquantized weights for a stage of enough images to win the one-off compilation "
+        "back, off on CPU and for small stages (docs/models.md, VLM speed).")
     cpu_offload: bool = False
     trust_remote_code: bool = False
     overrides: dict[Literal["vlm", "editor", "base"], RoleLoad] = Field(

@@ -28,7 +28,7 @@ from flywheel.errors import FlywheelError, MissingExtraError, StageError
 log = logging.getLogger(__name__)
 
 # Calls that change a replica (a LoRA or a judge adapter on it): sent to every replica, replayed after a restart.
-SETUP_METHODS = frozenset({"load_lora", "unload_lora", "load_adapter"})
+SETUP_METHODS = frozenset({"load_lora", "unload_lora", "load_adapter", "expect"})
 # Questions about the model whose answer only a setup call changes: asked once, so that a stage asking them per
 # unit (operation rows record params()) does not wait behind the units queued on a replica.
 QUERY_METHODS = frozenset({"params", "pipeline_prompt"})

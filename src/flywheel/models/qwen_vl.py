@@ -6,8 +6,9 @@ padding (every prompt ends where generation starts), images are downscaled to a 
 (vision tokens grow with pixels: ~1 token per 28x28), and ``option_probabilities`` reads the first
 answer token's distribution so the judge gets calibrated yes/no scores, not only text.
 
-On a GPU the fast path (``flywheel.models.vlm_speed``) preprocesses images there and decodes with a static
-KV cache and a compiled step (``[models] vlm_compile``); on CPU the plain path runs, unchanged.
+On a GPU the fast path (``flywheel.models.vlm_speed``) preprocesses images there and, for a stage with enough
+requests (``expect``), decodes with a static KV cache and a compiled step (``[models] vlm_compile``); on CPU
+the plain path runs, unchanged.
 """
 
 from __future__ import annotations
@@ -66,8 +67,6 @@ class QwenVLModel:
 
     def __init__(self, model, processor, *, model_id: str, device: str, max_pixels: int, batch_size: int = 8,
                  quantization: str = "none", generation: dict[str, Any] | None = None, compile: str = "auto"):
-        from flywheel.models.vlm_speed import use_compiled_decode
-
         self.model = model.eval()
         self.processor = processor
         self.processor.tokenizer.padding_side = "left"  # batched generation: all prompts end at the same column
@@ -81,12 +80,11 @@ class QwenVLModel:
         self.adapter: str | None = None  # a judge LoRA from `flywheel tune-judge`, once loaded
         self.compile = compile
         self._prompts: dict[tuple[str | None, str, int], str] = {}
-        self.compiled_decode = use_compiled_decode(compile, device, quantization)
         self.compile_backend = "inductor"  # tests swap in "eager" to check the static-cache path quickly on CPU
-        if self.compiled_decode:  # decode steps read each key/value head once, not once per query head
-            from flywheel.models.vlm_speed import use_gqa_decode_attention
-
-            use_gqa_decode_attention(self.model)
+        self.compiled_decode = False
+        self._expected = 0  # requests the current stage announced (``expect``)
+        self._batch_shape = self._cache_len = 0  # the compiled step's shape so far: kept where possible
+        self._use_compiled(self._wants_compiled(0))
         ip = processor.image_processor
         self.pixel_multiple = getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)
 
@@ -144,15 +142,26 @@ class QwenVLModel:
         tok = self.processor.tokenizer
         gen = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, do_sample=False)
         gen.update(self.generation)
+        self._use_compiled(self._wants_compiled(max(self._expected, len(requests))))
         out: list[str] = []
         for start in range(0, len(requests), self.batch_size):
-            inputs = self.encode(requests[start:start + self.batch_size])
+            chunk = requests[start:start + self.batch_size]
+            n = len(chunk)
+            if self.compiled_decode:  # a short batch takes the compiled shape (a new one would compile again)
+                self._batch_shape = max(self._batch_shape, n)
+                chunk = chunk + [chunk[-1]] * (self._batch_shape - n)
+            inputs = self.encode(chunk)
             fast = self._decode_kwargs(inputs["input_ids"].shape[1], max_new_tokens)
             with torch.inference_mode():
                 ids = self.model.generate(**inputs, **{**fast, **gen})  # explicit `generation` kwargs win
-            new = ids[:, inputs["input_ids"].shape[1]:]  # left padding: every answer starts at the same column
+            new = ids[:n, inputs["input_ids"].shape[1]:]  # left padding: every answer starts at the same column
             out.extend(t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True))
         return out
+
+    def expect(self, requests: int) -> None:
+        """The stage about to call ``generate`` will send ``requests`` requests in all: with ``vlm_compile =
+        "auto"`` that decides whether compiling the decode step pays off (``vlm_speed.COMPILE_PAYS_OFF``)."""
+        self._expected = max(0, int(requests))
 
     def option_probabilities(self, requests: list[ChatRequest], options: list[str]) -> list[dict[str, float]]:
         """P(first answer token starts each option), renormalised over ``options``.
@@ -248,13 +257,30 @@ class QwenVLModel:
                                                                     add_generation_prompt=True)
         return self._prompts[key]
 
+    def _wants_compiled(self, requests: int) -> bool:
+        from flywheel.models.vlm_speed import use_compiled_decode
+
+        return use_compiled_decode(self.compile, self.device, self.quantization, requests=requests)
+
+    def _use_compiled(self, wanted: bool) -> None:
+        """Switch to the compiled decode once it is wanted, and stay there: its compilation is then paid for."""
+        if wanted and not self.compiled_decode:
+            from flywheel.models.vlm_speed import use_gqa_decode_attention
+
+            self.compiled_decode = True
+            use_gqa_decode_attention(self.model)  # decode steps read each key/value head once, not once per query head
+            log.info("%s: static KV cache and a compiled decode step (vlm_compile=%s, %d requests expected)",
+                     self.model_id, self.compile, self._expected)
+
     def _decode_kwargs(self, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
-        """Static cache + compiled decode step where ``vlm_compile`` resolved on; nothing otherwise."""
+        """Static cache + compiled decode step where ``vlm_compile`` resolved on; nothing otherwise. The cache
+        length never shrinks in a process: a shorter one would be a new shape, compiled again."""
         if not self.compiled_decode or self.generation.get("num_beams", 1) != 1:
             return {}
-        from flywheel.models.vlm_speed import decode_kwargs
+        from flywheel.models.vlm_speed import cache_length, decode_kwargs
 
-        return decode_kwargs(self.device, prompt_len, max_new_tokens, backend=self.compile_backend)
+        self._cache_len = max(self._cache_len, cache_length(prompt_len, max_new_tokens))
+        return decode_kwargs(self.device, self._cache_len, backend=self.compile_backend)
 
     def _option_tokens(self, options: list[str]) -> list[set[int]]:
         if len(options) < 2 or len(set(options)) != len(options):

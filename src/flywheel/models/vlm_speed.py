@@ -8,8 +8,11 @@ Why each piece (measured with ``benchmarks/vlm_caption.py`` on an H200, issue 15
 - Eager decoding is bound by the CPU (Python and kernel launches: ~20 ms a step for a 2B model whose
   weights take ~1 ms to read). A static cache lets ``generate`` compile the decode step with CUDA graphs.
 - The compiled step is specialised to the cache's shape: a second shape (batch size, cache length) compiles
-  once more, with dynamic shapes, and that graph then serves every later shape (CUDA graphs are recorded once
-  per shape, which is cheap). Cache lengths are rounded up so that prompts of similar length share a shape.
+  once more (measured 48 s), with dynamic shapes. So the adapter keeps one shape per process where it can:
+  a short last batch is filled up with copies of its last request (their answers are dropped), and the cache
+  length only grows (rounded up, so prompts of similar length share it).
+- Compiling costs ~30 s once per process, so "auto" compiles only for a stage with enough requests to win
+  that back (``COMPILE_PAYS_OFF``); the stage says how many it has with the adapter's ``expect``.
 """
 
 from __future__ import annotations
@@ -24,15 +27,22 @@ COMPILE_SETTINGS = ("auto", "on", "off")
 CACHE_BUCKET = 256  # static cache lengths are multiples of this: one shape for prompts of similar length
 
 
-def use_compiled_decode(setting: str, device: str, quantization: str) -> bool:
-    """``vlm_compile`` resolved: "auto" compiles on CUDA with unquantized weights (bitsandbytes layers do not
-    compile; a static cache without compilation is slower than the default dynamic one), never on CPU."""
+# Where "auto" starts compiling: the requests a stage must have for the one-off compilation to pay for
+# itself. Measured on the H200 (benchmarks/vlm_caption.py --stage, Qwen2-VL-2B, 1024², 128 new tokens, batch
+# 16): see docs/models.md, "VLM speed". Below it the uncompiled decode finishes the stage sooner.
+COMPILE_PAYS_OFF = 96
+
+
+def use_compiled_decode(setting: str, device: str, quantization: str, requests: int | None = None) -> bool:
+    """``vlm_compile`` resolved for a stage of ``requests`` requests (None: any number). "auto" compiles on CUDA
+    with unquantized weights (bitsandbytes layers do not compile; a static cache without compilation is slower
+    than the default dynamic one) once the stage has ``COMPILE_PAYS_OFF`` requests or more; never on CPU."""
     if setting not in COMPILE_SETTINGS:
         from flywheel.errors import ConfigError
 
         raise ConfigError(f"unknown vlm_compile {setting!r}", hint=f"use one of {', '.join(COMPILE_SETTINGS)}")
     if setting == "auto":
-        return device == "cuda" and quantization == "none"
+        return device == "cuda" and quantization == "none" and (requests is None or requests >= COMPILE_PAYS_OFF)
     return setting == "on"
 
 
@@ -42,8 +52,9 @@ def cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACHE_BUCKE
     return -(-need // bucket) * bucket
 
 
-def decode_kwargs(device: str, prompt_len: int, max_new_tokens: int, *, backend: str = "inductor") -> dict[str, Any]:
-    """Extra ``generate`` kwargs for the static cache + compiled decode step.
+def decode_kwargs(device: str, max_cache_len: int, *, backend: str = "inductor") -> dict[str, Any]:
+    """Extra ``generate`` kwargs for the static cache (``max_cache_len`` tokens: ``cache_length``) + compiled
+    decode step.
 
     transformers compiles the decode step itself (``get_compiled_call``) once it sees a static cache on a
     supported device, and reuses the compiled call across ``generate`` calls. On CUDA: CUDA graphs
@@ -57,8 +68,7 @@ def decode_kwargs(device: str, prompt_len: int, max_new_tokens: int, *, backend:
     else:
         config = CompileConfig(backend=backend, mode="default")
         config._compile_all_devices = True
-    return {"cache_implementation": "static", "max_cache_len": cache_length(prompt_len, max_new_tokens),
-            "compile_config": config}
+    return {"cache_implementation": "static", "max_cache_len": max_cache_len, "compile_config": config}
 
 
 def processes_on_device(image_processor: Any) -> bool:

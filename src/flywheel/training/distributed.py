@@ -90,6 +90,7 @@ class Ranks:
         and returns the whole global batch on this rank's device (a few MB of cached tensors)."""
         import torch
 
+        from flywheel.training.speed import step_begin
         from flywheel.training.step import draw
 
         reducer = self._reducer_for(params)
@@ -105,6 +106,7 @@ class Ranks:
                 continue  # nothing of this batch on this rank: it still joins every bucket's all_reduce below
             if share != 1:
                 batch, noise, sigmas = _slice(batch, part), noise[part], sigmas[part]
+            step_begin(lat.device)
             loss = family.loss(transformer, batch, noise, sigmas, guidance=guidance)
             if share != 1:  # the one-process path multiplies by nothing, so its floats are untouched
                 loss = loss * share

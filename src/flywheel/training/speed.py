@@ -16,6 +16,10 @@ measurements behind the defaults):
 4. ``compile``: ``torch.compile`` per block (regional: two block types compile once each, in about a
    minute), fullgraph; ``activation_memory_budget`` < 1 lets the compiler's partitioner recompute the
    cheapest activations in the backward instead of saving them (selective checkpointing inside a block).
+   ``cuda_graphs``: the compiled blocks replay as CUDA graphs (torch.compile's "reduce-overhead", CUDA graph
+   trees: forward and backward), so launching a block's ~40-70 small kernels no longer costs the CPU as much
+   time as the GPU needs to run them (FLUX.1-dev's forward was launch-bound on the H200). Not with blocks
+   checkpointed by ``torch.utils.checkpoint``: their recomputation runs outside the graphs.
 5. ``fused_optimizer``: AdamW's fused CUDA kernel for the LoRA parameters.
 
 Options that need CUDA are skipped on other devices with one log line each, never an error: the same
@@ -44,6 +48,7 @@ class Applied:
     checkpointed_blocks: int = 0
     compiled_blocks: int = 0
     activation_memory_budget: float = 1.0
+    cuda_graphs: bool = False
     skipped: list[str] = field(default_factory=list)
 
 
@@ -118,8 +123,13 @@ def apply(transformer, cfg, device: str, *, base_quantize: str = "none") -> Appl
         skip("compile", f"torch.compile of the blocks runs on CUDA only ({device!r})")
     every, budget = checkpointing(cfg, done.fp8_matmul, base_parameters(transformer), compiled=compile_)
     done.activation_memory_budget = budget if compile_ else 1.0
+    done.cuda_graphs = cuda_graphs(cfg, compile_, every)
+    if cfg.cuda_graphs == "on" and not done.cuda_graphs:
+        skip("cuda_graphs", "needs compiled blocks on CUDA and no block checkpointed (checkpoint_every_n_blocks: "
+                            "torch.utils.checkpoint recomputes outside the graphs)")
     done.checkpointed_blocks, done.compiled_blocks = wrap_blocks(
-        transformer, every, compile=compile_, activation_memory_budget=budget, dynamic=cfg.compile_dynamic)
+        transformer, every, compile=compile_, activation_memory_budget=budget, dynamic=cfg.compile_dynamic,
+        cuda_graphs=done.cuda_graphs)
     log.info("training speed options: %s", done)
     return done
 
@@ -152,6 +162,12 @@ def checkpointing(cfg, fp8_matmul: bool, base_params: float = 0, *, compiled: bo
     return every, float(budget)
 
 
+def cuda_graphs(cfg, compiled: bool, every: int) -> bool:
+    """``cuda_graphs`` resolved: only over compiled blocks (on CUDA) and with no block checkpointed by
+    ``torch.utils.checkpoint`` (``every`` > 0), whose recomputation in the backward runs outside the graphs."""
+    return compiled and cfg.cuda_graphs != "off" and not every
+
+
 def checkpoint_every(cfg, fp8_matmul: bool, base_params: float = 0) -> int:
     """Every how many blocks to checkpoint (0 = none) without compile. 'auto' (0): none for a small base with fp8
     matmuls and at most a 1024² image per step (``SMALL_BASE_*``), every 2nd block with fp8 matmuls (the fp8
@@ -172,13 +188,14 @@ def base_parameters(transformer) -> int:
 
 
 def wrap_blocks(transformer, every: int, *, compile: bool = False, activation_memory_budget: float = 1.0,
-                dynamic: bool = False, backend: str = "inductor"):
+                dynamic: bool = False, backend: str = "inductor", cuda_graphs: bool = False):
     """Each block's forward: compiled (``torch.compile``, regional: identical blocks share one graph), then
     checkpointed on every ``every``-th block (1 = all, 2 = half, 0 = none: recompute that block's forward in
     the backward instead of keeping its activations). Checkpointing wraps the compiled forward, not the
     reverse: dynamo compiles no frame that starts inside torch.utils.checkpoint. ``dynamic``: one graph with a
     symbolic sequence length for every bucket shape, instead of a static graph per shape (faster kernels, but
-    each new shape compiles again). Returns (checkpointed, compiled) block counts."""
+    each new shape compiles again). ``cuda_graphs``: inductor's "reduce-overhead" mode (the training step then
+    calls ``step_begin`` first). Returns (checkpointed, compiled) block counts."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
@@ -191,7 +208,8 @@ def wrap_blocks(transformer, every: int, *, compile: bool = False, activation_me
     for i, block in enumerate(blocks(transformer)):
         fwd = block.forward
         if compile:
-            fwd = torch.compile(fwd, fullgraph=FULLGRAPH, dynamic=dynamic, backend=backend)
+            mode = {"mode": "reduce-overhead"} if cuda_graphs else {}
+            fwd = torch.compile(fwd, fullgraph=FULLGRAPH, dynamic=dynamic, backend=backend, **mode)
             compiled += 1
         if every and i % every == 0:
             fwd = functools.partial(checkpoint, fwd, use_reentrant=False)
@@ -199,6 +217,15 @@ def wrap_blocks(transformer, every: int, *, compile: bool = False, activation_me
         if fwd is not block.forward:
             block.forward = fwd
     return wrapped, compiled
+
+
+def step_begin(device) -> None:
+    """Tell CUDA graph trees that a new forward/backward starts (before each micro-batch's forward), so the
+    graphs' output memory of the one before may be reused. A no-op without CUDA graphs; nothing off CUDA."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def adamw_options(cfg, params) -> dict:

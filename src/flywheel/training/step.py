@@ -17,8 +17,11 @@ def train_step(family, transformer, optimizer, batch: Batch, generator, *, param
     """Draw noise and t from ``generator``, one forward/backward, clip, optimizer (and scheduler) step."""
     import torch
 
+    from flywheel.training.speed import step_begin
+
     lat = batch.latents
     sigmas, noise = draw(family, lat, generator, sampling)
+    step_begin(lat.device)
     loss = family.loss(transformer, batch, noise, sigmas, guidance=guidance)
     loss.backward()
     if max_grad_norm:
