@@ -117,7 +117,7 @@ def run(args, res_list, *, measure, variant_config, free) -> None:
             opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=cfg.weight_decay, **speed.adamw_options(cfg, params))
             gen = torch.Generator().manual_seed(0)
             what = (f"fp8mm={done.fp8_matmul} attn={done.attention_backend} ckpt={done.checkpointed_blocks} "
-                    f"compiled={done.compiled_blocks} graphs={done.cuda_graphs}")
+                    f"compiled={done.compiled_blocks} graphs={done.cuda_graphs} lora={done.lora_compute}")
             for res in res_list:
                 step = partial(train_step, family, tr, opt, inputs(dims, res, dev), gen, params=params)
                 t1 = time.perf_counter()

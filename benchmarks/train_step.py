@@ -212,7 +212,7 @@ def variant_config(spec: str):
     """A [train] config from a variant spec: 'default' (TrainConfig's defaults, what `flywheel train` runs)
     plus '+'-joined overrides: bf16 | fp8 (fp8-stored base, bf16 matmuls) | fp8mm (fp8 matmuls); ckptN
     (checkpoint every N-th block, 0 = none); compile | eager; dyn (compile_dynamic: one graph for all shapes);
-    graphs | nographs (cuda_graphs on / off);
+    graphs | nographs (cuda_graphs on / off); lora16 | lora32 (lora_compute bf16 / fp32);
     budgetX (activation_memory_budget); attn=NAME;
     nofused. Returns (TrainConfig, base quantization as stored before speed.apply)."""
     from flywheel.config import TrainConfig
@@ -236,6 +236,8 @@ def variant_config(spec: str):
             over["activation_memory_budget"] = float(tok[6:])
         elif tok.startswith("attn="):
             over["attention_backend"] = tok[5:]
+        elif tok in ("lora16", "lora32"):
+            over["lora_compute"] = "bf16" if tok == "lora16" else "fp32"
         elif tok == "nofused":
             over["fused_optimizer"] = False
         else:
@@ -261,7 +263,7 @@ def run_variant(spec: str, cfg_dims: dict, dev: str, res_list, args, report) -> 
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=cfg.weight_decay, **speed.adamw_options(cfg, params))
     gen = torch.Generator().manual_seed(0)
     what = (f"fp8mm={done.fp8_matmul} attn={done.attention_backend} ckpt={done.checkpointed_blocks} "
-            f"compiled={done.compiled_blocks} graphs={done.cuda_graphs}")
+            f"compiled={done.compiled_blocks} graphs={done.cuda_graphs} lora={done.lora_compute}")
     for res in res_list:
         batch = inputs(cfg_dims, res, dev)
         step = partial(train_step, tr, opt, batch, gen, params=params)
@@ -328,7 +330,6 @@ def main() -> None:
     cfg, dev = (TINY if args.tiny else FULL), args.device
     if dev.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(False)  # as flywheel train: cuDNN attention backward crashed
-        torch.backends.cuda.matmul.allow_tf32 = True
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     res_list = [r if not args.tiny else max(32, r // 16) for r in args.res]
     if args.family == "klein":  # benchmarks/klein_step.py: same options, the klein family's step

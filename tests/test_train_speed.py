@@ -335,3 +335,29 @@ def test_cuda_graphs_train_the_same_lora_as_the_compiled_blocks_alone():
     (l0, w0), (l1, w1) = runs
     assert l0 == pytest.approx(l1, rel=1e-5)
     assert torch.allclose(w0, w1, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_computes_in_the_activations_dtype_with_fp32_weights_and_gradients():
+    """lora_compute = "bf16": a bf16 model's LoRA branch multiplies in bf16 (as autocast would) while the LoRA's
+    weights and their gradients stay fp32, so AdamW, checkpoints and the saved LoRA are unchanged. 'auto' is
+    bf16 on CUDA and fp32 on a CPU (the CPU tests compare runs bit for bit)."""
+    from flywheel.training.lora_compute import compute_in_input_dtype
+
+    assert speed.lora_compute(TrainConfig(), "cuda") == "bf16" and speed.lora_compute(TrainConfig(), "cpu") == "fp32"
+    assert speed.lora_compute(TrainConfig(lora_compute="bf16"), "cpu") == "bf16"
+    tr, named = _model(torch.bfloat16)
+    layer = tr.transformer_blocks[0].attn.to_q
+    with torch.no_grad():  # a non-zero B, so the branch contributes
+        for p in layer.lora_B.values():
+            p.weight.normal_()
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    want = layer.base_layer(x) + (x @ a.bfloat16().T) @ b.bfloat16().T * layer.scaling["default"]
+    assert compute_in_input_dtype(tr) == len([m for m in tr.modules() if hasattr(m, "lora_A")])
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    done = speed.apply(tr, TrainConfig(lora_compute="bf16", fp8_matmul="off"), "cpu")
+    assert done.lora_compute == "bf16"
+    loss = train_step(tr, torch.optim.AdamW(named.values(), lr=1e-3), _batch(torch.bfloat16), torch.Generator().manual_seed(0),
+                      params=list(named.values()))
+    assert torch.isfinite(loss) and all(p.dtype == torch.float32 for p in named.values())

@@ -89,6 +89,9 @@ class TrainConfig(Section):
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "native"] = Field(
         "auto", description="PyTorch SDPA kernel; 'auto' = flash on CUDA, PyTorch's choice elsewhere.")
     fused_optimizer: bool = Field(True, description="AdamW's fused CUDA kernel (skipped off CUDA).")
+    lora_compute: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="dtype of the LoRA's matmuls; its weights, gradients' accumulation and AdamW stay "
+        "fp32. 'auto' = bf16 on CUDA (the activations' dtype), fp32 elsewhere.")
     max_sequence_length: int = Field(512, ge=16, le=512)
     checkpoint_every: int = Field(250, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

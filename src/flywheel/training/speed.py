@@ -21,6 +21,8 @@ measurements behind the defaults):
    time as the GPU needs to run them (FLUX.1-dev's forward was launch-bound on the H200). Not with blocks
    checkpointed by ``torch.utils.checkpoint``: their recomputation runs outside the graphs.
 5. ``fused_optimizer``: AdamW's fused CUDA kernel for the LoRA parameters.
+6. ``lora_compute``: the LoRA's matmuls in the activations' dtype (bf16 on CUDA), its weights and optimizer
+   in fp32 (``training/lora_compute.py``).
 
 Options that need CUDA are skipped on other devices with one log line each, never an error: the same
 config trains on a CPU (tests, CI) and fast on a GPU.
@@ -49,6 +51,7 @@ class Applied:
     compiled_blocks: int = 0
     activation_memory_budget: float = 1.0
     cuda_graphs: bool = False
+    lora_compute: str = "fp32"
     skipped: list[str] = field(default_factory=list)
 
 
@@ -116,6 +119,15 @@ def apply(transformer, cfg, device: str, *, base_quantize: str = "none") -> Appl
         set_attention_backend(transformer, SDPA_BACKENDS[backend])
     done.attention_backend = backend
 
+    # 6 (first: nothing is traced yet). The LoRA's matmuls in the activations' dtype.
+    if lora_compute(cfg, device) == "bf16":
+        from flywheel.training.lora_compute import compute_in_input_dtype
+
+        if compute_in_input_dtype(transformer):
+            done.lora_compute = "bf16"
+        else:
+            skip("lora_compute", "the installed peft has no cast_input_dtype_enabled switch (peft >= 0.15 has)")
+
     # 3. Activation checkpointing on every N-th block (or, compiled, selective recomputation inside the
     #    blocks), and 4. regional compile, one block at a time.
     compile_ = cfg.compile and cuda
@@ -160,6 +172,14 @@ def checkpointing(cfg, fp8_matmul: bool, base_params: float = 0, *, compiled: bo
     if auto and compiled and budget < 1:  # recomputation inside the blocks replaces the 2nd-block checkpoints
         every = 0
     return every, float(budget)
+
+
+def lora_compute(cfg, device: str) -> str:
+    """``lora_compute`` resolved: 'auto' is bf16 on CUDA (the activations' dtype there), fp32 elsewhere (a CPU
+    trains in fp32 anyway, and the CPU tests compare runs bit for bit)."""
+    if cfg.lora_compute == "auto":
+        return "bf16" if str(device).startswith("cuda") else "fp32"
+    return cfg.lora_compute
 
 
 def cuda_graphs(cfg, compiled: bool, every: int) -> bool:
