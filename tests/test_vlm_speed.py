@@ -96,13 +96,18 @@ def test_vlm_compile_setting_resolves_per_device_and_reaches_the_adapter(tiny_vl
     from flywheel.errors import ConfigError
     from flywheel.models import load_vlm
 
-    from flywheel.models.vlm_speed import COMPILE_PAYS_OFF
+    from flywheel.models.vlm_speed import COMPILE_PAYS_OFF, COMPILE_PAYS_OFF_WARM
 
     assert use_compiled_decode("auto", "cuda", "none") and not use_compiled_decode("auto", "cpu", "none")
     # "auto" compiles for a stage big enough to win the compilation back, not for a handful of requests.
     assert use_compiled_decode("auto", "cuda", "none", requests=COMPILE_PAYS_OFF)
     assert not use_compiled_decode("auto", "cuda", "none", requests=COMPILE_PAYS_OFF - 1)
     assert use_compiled_decode("on", "cuda", "none", requests=1)
+    # Compiled on this machine before (inductor's cache holds the graphs): compiling is cheap, and pays sooner.
+    assert COMPILE_PAYS_OFF_WARM < COMPILE_PAYS_OFF
+    assert use_compiled_decode("auto", "cuda", "none", requests=COMPILE_PAYS_OFF_WARM, warm=True)
+    assert not use_compiled_decode("auto", "cuda", "none", requests=COMPILE_PAYS_OFF_WARM - 1, warm=True)
+    assert not use_compiled_decode("auto", "cpu", "none", requests=10**6, warm=True)
     assert not use_compiled_decode("auto", "cuda", "nf4")  # bitsandbytes layers do not compile
     assert use_compiled_decode("on", "cpu", "none") and not use_compiled_decode("off", "cuda", "none")
     with pytest.raises(ConfigError, match="vlm_compile"):
@@ -119,7 +124,7 @@ def test_the_stage_size_decides_the_compiled_decode_once(tiny_vlm, monkeypatch):
     compiled (the compilation is paid for). The threshold is patched: "auto" never compiles on a CPU."""
     from flywheel.models import vlm_speed
 
-    monkeypatch.setattr(vlm_speed, "use_compiled_decode", lambda setting, device, quant, requests=None:
+    monkeypatch.setattr(vlm_speed, "use_compiled_decode", lambda setting, device, quant, requests=None, warm=False:
                         setting == "auto" and requests is not None and requests >= 3)
     vlm = _adapter(tiny_vlm, 56 * 56 * 2)
     vlm.compile_backend = "eager"
@@ -133,6 +138,23 @@ def test_the_stage_size_decides_the_compiled_decode_once(tiny_vlm, monkeypatch):
     vlm.expect(1)
     vlm.generate(_requests()[:1], max_new_tokens=2)
     assert vlm.compiled_decode
+
+
+def test_a_compiled_decode_step_is_remembered_in_the_compile_cache_it_depends_on(tmp_path):
+    """The marker lives in inductor's cache folder, keyed by what the compiled step depends on: the same
+    key finds it, another model, batch size or library version does not, and a wiped cache forgets it."""
+    from flywheel.models.vlm_speed import compile_marker, compiled_before, remember_compiled
+
+    key = {"model": "qwen2-vl-2b", "batch": 16, "torch": "2.11.0", "transformers": "5.17.0", "gpu": "H200"}
+    marker = compile_marker(key, str(tmp_path))
+    assert not compiled_before(marker)
+    remember_compiled(marker, key)
+    assert compiled_before(compile_marker(dict(key), str(tmp_path)))
+    assert not compiled_before(compile_marker({**key, "batch": 64}, str(tmp_path)))
+    assert not compiled_before(compile_marker({**key, "torch": "2.12.0"}, str(tmp_path)))
+    assert not compiled_before(compile_marker(key, str(tmp_path / "wiped")))
+    remember_compiled(compile_marker(key, "/proc/not-writable"), key)  # an unwritable cache is not an error
+    assert not compiled_before(None)
 
 
 def test_pixel_budget_reaches_the_processor_as_its_max_pixels(tiny_vlm):

@@ -11,13 +11,17 @@ Why each piece (measured with ``benchmarks/vlm_caption.py`` on an H200, issue 15
   once more (measured 48 s), with dynamic shapes. So the adapter keeps one shape per process where it can:
   a short last batch is filled up with copies of its last request (their answers are dropped), and the cache
   length only grows (rounded up, so prompts of similar length share it).
-- Compiling costs ~30 s once per process, so "auto" compiles only for a stage with enough requests to win
-  that back (``COMPILE_PAYS_OFF``); the stage says how many it has with the adapter's ``expect``.
+- Compiling costs ~37 s in a fresh process and ~6 s once inductor's on-disk cache holds the graphs, so "auto"
+  compiles only for a stage with enough requests to win that back (``COMPILE_PAYS_OFF``, lower where this
+  machine compiled the same step before); the stage says how many it has with the adapter's ``expect``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 log = logging.getLogger(__name__)
@@ -28,22 +32,58 @@ CACHE_BUCKET = 256  # static cache lengths are multiples of this: one shape for 
 
 
 # Where "auto" starts compiling: the requests a stage must have for the one-off compilation to pay for
-# itself. Measured on the H200 (benchmarks/vlm_caption.py --stage, Qwen2-VL-2B, 1024², 128 new tokens, batch
-# 16): see docs/models.md, "VLM speed". Below it the uncompiled decode finishes the stage sooner.
-COMPILE_PAYS_OFF = 96
+# itself. Measured on the H200 (benchmarks/vlm_stage.py, Qwen2-VL-2B, 1024², 128 new tokens, batch 16): 0.255 s
+# per image uncompiled, 0.111 s compiled; compiling took 37 s in a fresh process (break-even 257 images) and
+# 5.6 s once inductor's cache held the graphs (break-even 38). Whether this machine compiled the same decode
+# step before is read from a marker in inductor's cache folder (``compiled_before``), so the lower threshold
+# applies exactly while the cache that makes compiling cheap is there. docs/models.md, "VLM speed".
+COMPILE_PAYS_OFF = 256
+COMPILE_PAYS_OFF_WARM = 40
 
 
-def use_compiled_decode(setting: str, device: str, quantization: str, requests: int | None = None) -> bool:
+def use_compiled_decode(setting: str, device: str, quantization: str, requests: int | None = None, *,
+                        warm: bool = False) -> bool:
     """``vlm_compile`` resolved for a stage of ``requests`` requests (None: any number). "auto" compiles on CUDA
     with unquantized weights (bitsandbytes layers do not compile; a static cache without compilation is slower
-    than the default dynamic one) once the stage has ``COMPILE_PAYS_OFF`` requests or more; never on CPU."""
+    than the default dynamic one) once the stage has ``COMPILE_PAYS_OFF`` requests or more
+    (``COMPILE_PAYS_OFF_WARM`` when ``warm``: compiled on this machine before); never on CPU."""
     if setting not in COMPILE_SETTINGS:
         from flywheel.errors import ConfigError
 
         raise ConfigError(f"unknown vlm_compile {setting!r}", hint=f"use one of {', '.join(COMPILE_SETTINGS)}")
     if setting == "auto":
-        return device == "cuda" and quantization == "none" and (requests is None or requests >= COMPILE_PAYS_OFF)
+        threshold = COMPILE_PAYS_OFF_WARM if warm else COMPILE_PAYS_OFF
+        return device == "cuda" and quantization == "none" and (requests is None or requests >= threshold)
     return setting == "on"
+
+
+def compile_marker(key: dict[str, Any], root: str | None = None) -> Path | None:
+    """The file that says this decode step (``key``: model, batch size, library versions, GPU) was compiled on
+    this machine, in inductor's cache folder (``root``, default: inductor's own), so it disappears with the
+    cache that made compiling it again cheap. None when this torch has no such folder to ask for."""
+    if root is None:
+        try:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+        except ImportError:
+            return None
+        root = cache_dir()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(root) / "flywheel-vlm-decode" / digest
+
+
+def compiled_before(marker: Path | None) -> bool:
+    return marker is not None and marker.is_file()
+
+
+def remember_compiled(marker: Path | None, key: dict[str, Any]) -> None:
+    """Leave the marker; a cache folder that cannot be written only costs the lower threshold next time."""
+    if marker is None:
+        return
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(key, sort_keys=True))
+    except OSError as err:
+        log.info("could not mark the compiled decode step in %s: %s", marker.parent, err)
 
 
 def cache_length(prompt_len: int, max_new_tokens: int, bucket: int = CACHE_BUCKET) -> int:
