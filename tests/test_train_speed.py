@@ -309,6 +309,8 @@ def test_cuda_graphs_replay_compiled_blocks_unless_a_block_is_checkpointed():
     assert not speed.cuda_graphs(TrainConfig(), True, 2)
     assert not speed.cuda_graphs(TrainConfig(cuda_graphs="off"), True, 0)
     assert speed.cuda_graphs(TrainConfig(cuda_graphs="on"), True, 0)
+    assert not speed.cuda_graphs(TrainConfig(gpus=2), True, 0)  # not measured with the gradient all_reduce yet
+    assert speed.cuda_graphs(TrainConfig(gpus=2, cuda_graphs="on"), True, 0)
     tr, _ = _model()
     done = speed.apply(tr, TrainConfig(cuda_graphs="on"), "cpu")
     assert not done.cuda_graphs and "cuda_graphs" in done.skipped

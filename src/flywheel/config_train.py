@@ -79,7 +79,8 @@ class TrainConfig(Section):
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="With compile: replay the compiled blocks as CUDA graphs (forward and backward), "
         "which removes the CPU's kernel-launch time. 'auto' = on where compiled and no block is checkpointed "
-        "(checkpoint_every_n_blocks); memory: the graphs' pool (docs/training.md).")
+        "(checkpoint_every_n_blocks), off with gpus >= 1 (not measured there yet); memory: the graphs' pool "
+        "(docs/training.md).")
     activation_memory_budget: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
         "auto", description="With compile: < 1 recomputes the cheapest activations inside each block to save "
         "memory (1 = keep all). 'auto': 0.5 where checkpointing 'auto' would checkpoint every 2nd block (a base "

@@ -11,7 +11,7 @@ Why each piece (measured with ``benchmarks/vlm_caption.py`` on an H200, issue 15
   once more (measured 48 s), with dynamic shapes. So the adapter keeps one shape per process where it can:
   a short last batch is filled up with copies of its last request (their answers are dropped), and the cache
   length only grows (rounded up, so prompts of similar length share it).
-- Compiling costs ~37 s in a fresh process and ~6 s once inductor's on-disk cache holds the graphs, so "auto"
+- Compiling costs ~38 s in a fresh process and ~8 s once inductor's on-disk cache holds the graphs, so "auto"
   compiles only for a stage with enough requests to win that back (``COMPILE_PAYS_OFF``, lower where this
   machine compiled the same step before); the stage says how many it has with the adapter's ``expect``.
 """
@@ -33,12 +33,14 @@ CACHE_BUCKET = 256  # static cache lengths are multiples of this: one shape for 
 
 # Where "auto" starts compiling: the requests a stage must have for the one-off compilation to pay for
 # itself. Measured on the H200 (benchmarks/vlm_stage.py, Qwen2-VL-2B, 1024², 128 new tokens, batch 16): 0.255 s
-# per image uncompiled, 0.111 s compiled; compiling took 37 s in a fresh process (break-even 257 images) and
-# 5.6 s once inductor's cache held the graphs (break-even 38). Whether this machine compiled the same decode
-# step before is read from a marker in inductor's cache folder (``compiled_before``), so the lower threshold
-# applies exactly while the cache that makes compiling cheap is there. docs/models.md, "VLM speed".
+# per image uncompiled, 0.108-0.111 s compiled (0.145 s saved). Compiling took 37-39 s in a fresh process
+# (break-even 257 images; a stage of 256 took 65.4 s compiled, as long as uncompiled) and 8.0 s in a new
+# process once inductor's on-disk cache held the graphs (break-even 55; 4.3-5.6 s within one process).
+# Whether this machine compiled the same decode step before is read from a marker in inductor's cache folder
+# (``compiled_before``), so the lower threshold applies exactly while the cache that makes compiling cheap is
+# there. docs/models.md, "VLM speed".
 COMPILE_PAYS_OFF = 256
-COMPILE_PAYS_OFF_WARM = 40
+COMPILE_PAYS_OFF_WARM = 64
 
 
 def use_compiled_decode(setting: str, device: str, quantization: str, requests: int | None = None, *,

@@ -184,8 +184,12 @@ def lora_compute(cfg, device: str) -> str:
 
 def cuda_graphs(cfg, compiled: bool, every: int) -> bool:
     """``cuda_graphs`` resolved: only over compiled blocks (on CUDA) and with no block checkpointed by
-    ``torch.utils.checkpoint`` (``every`` > 0), whose recomputation in the backward runs outside the graphs."""
-    return compiled and cfg.cuda_graphs != "off" and not every
+    ``torch.utils.checkpoint`` (``every`` > 0), whose recomputation in the backward runs outside the graphs.
+    'auto' leaves ``--gpus N`` runs without them: their gradient hooks and all_reduce with graphs are not
+    measured on a GPU yet ('on' asks for them)."""
+    if not compiled or every or cfg.cuda_graphs == "off":
+        return False
+    return cfg.cuda_graphs == "on" or not getattr(cfg, "gpus", 0)
 
 
 def checkpoint_every(cfg, fp8_matmul: bool, base_params: float = 0) -> int:
