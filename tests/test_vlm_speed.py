@@ -76,20 +76,20 @@ def test_static_cache_decode_gives_the_same_captions_as_the_default_cache(tiny_v
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, *a, **kw: shapes.append(tuple(q.shape)) or sdpa(q, *a, **kw))
-    reqs = _requests()
-    assert fast.generate(reqs, max_new_tokens=10) == plain.generate(reqs, max_new_tokens=10) == GOLDEN[1024 * 1024][0]
-    groups = text.num_attention_heads // text.num_key_value_heads
-    # Decode steps ran with the query heads folded onto their key/value head (one query position each).
-    assert (3, text.num_key_value_heads, groups, text.hidden_size // text.num_attention_heads) in shapes
-    # A short batch keeps the compiled shape (filled up with copies of its last request, their answers
-    # dropped), and a shorter prompt keeps the longer cache: neither is a new shape to compile.
     calls = []
     run = fast.model.generate
     monkeypatch.setattr(fast.model, "generate", lambda **kw: calls.append(kw) or run(**kw))
-    assert fast.generate(reqs[1:3], max_new_tokens=6) == plain.generate(reqs[1:3], max_new_tokens=6)
-    assert fast.generate(reqs[2:3], max_new_tokens=6) == plain.generate(reqs[2:3], max_new_tokens=6)
+    reqs = _requests()
+    assert fast.generate(reqs, max_new_tokens=10) == plain.generate(reqs, max_new_tokens=10) == GOLDEN[1024 * 1024][0]
+    # The short last batch (1 request) took the compiled shape (filled up with copies of its request, their
+    # answers dropped), and its shorter prompt kept the longer cache: neither is a new shape to compile.
     assert [len(c["input_ids"]) for c in calls] == [3, 3]
-    assert calls[0]["max_cache_len"] == calls[1]["max_cache_len"] == cache_length(1, 10)  # the first call's
+    assert calls[1]["input_ids"].shape[1] < calls[0]["input_ids"].shape[1]
+    assert calls[0]["max_cache_len"] == calls[1]["max_cache_len"]
+    groups = text.num_attention_heads // text.num_key_value_heads
+    # Decode steps ran with the query heads folded onto their key/value head (one query position each).
+    assert (3, text.num_key_value_heads, groups, text.hidden_size // text.num_attention_heads) in shapes
+    assert fast.generate(reqs[1:3], max_new_tokens=6) == plain.generate(reqs[1:3], max_new_tokens=6)
 
 
 def test_vlm_compile_setting_resolves_per_device_and_reaches_the_adapter(tiny_vlm_dir):
