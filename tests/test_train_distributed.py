@@ -4,8 +4,12 @@ batch, resume bit for bit, and only rank 0 writes (the parent process records ev
 Tolerance: N ranks each run the forward on their slice of the batch and the gradients are summed across
 ranks, so matmul blocking and the order of float additions differ from one process on the whole batch;
 everything drawn (data order, caption dropout, t, noise) is identical. On the tiny FLUX over 4 steps the
-differences stay below 1e-4 relative on the losses and 1e-5 absolute on the LoRA weights (measured on a 2-core
-x86 CPU: 9e-8 and 1.4e-7, the LoRA weights being up to 0.85).
+differences stay below 1e-4 relative on the losses and 1e-4 absolute on the LoRA weights (measured on a 2-core
+x86 CPU: usually 9e-8 and 1.4e-7, the LoRA weights being up to 0.85). Once, in a full CI run on a loaded
+machine, one LoRA element of 128 was 2.0e-5 apart: AdamW divides each gradient by its own running size, so an
+element whose gradient is near AdamW's eps (LoRA A's, which starts from a zero B) turns a rounding difference
+in the gradient into a visible one in the update. 1e-4 stays 50x below one step of the learning rate (5e-3),
+which any real difference (another slice, other noise, a gradient counted twice) moves the weights by.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from test_train import add_source, pattern
 
 from flywheel.config import TrainConfig
 
-LOSS_RTOL, LORA_ATOL = 1e-4, 1e-5
+LOSS_RTOL, LORA_ATOL = 1e-4, 1e-4
 
 
 def train(project, *args, **kwargs):
