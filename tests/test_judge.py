@@ -382,3 +382,18 @@ def test_duplicates_across_rounds_and_rejected_images_make_nothing_a_duplicate(p
     nearest = json.loads(project.catalog.query("SELECT details_json FROM scores WHERE image_id = ? AND scorer = "
                                                "'phash:dct64'", (round2,))[0][0])
     assert nearest["compared_with"] == 2  # the source and round 1's kept image; never the rejected one
+
+
+def test_the_judge_tells_the_vlm_how_many_verdicts_it_will_write(project, one_good_edit):
+    """Each image gets a written verdict (decoded like a caption), so the stage's size decides whether
+    compiling the decode step pays off (vlm_compile = "auto"); without written verdicts nothing is decoded."""
+    heard = []
+
+    class Listens(ScriptedVLM):
+        def expect(self, requests):
+            heard.append(requests)
+
+    vlm = scripted()
+    vlm.__class__ = Listens
+    judge(project, vlm=vlm)
+    assert heard == [1]

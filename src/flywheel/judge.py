@@ -158,6 +158,8 @@ def _judge(project: Project, config: Config, vlm, adapter, todo, fingerprint, re
     store = project.store
     if adapter is not None and vlm is not None:
         adapters.attach(vlm, adapter)  # model_id becomes <base>+<adapter id>: every score names the tuned judge
+    if vlm is not None and jcfg.structured_verdict and hasattr(vlm, "expect"):
+        vlm.expect(len(todo))  # one written verdict per image: whether compiling the decode step pays off
     vlm_id = vlm.model_id if vlm else None
     policy_json = json.dumps({"fingerprint": fingerprint, "vlm": vlm_id, **jcfg.model_dump()}, sort_keys=True)
     if vlm is None:
