@@ -13,6 +13,7 @@ the plain path runs, unchanged.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -84,8 +85,7 @@ class QwenVLModel:
         self.compiled_decode = False
         self._expected = 0  # requests the current stage announced (``expect``)
         self._batch_shape = self._cache_len = 0  # the compiled step's shape so far: kept where possible
-        self._compile_key: dict[str, Any] | None = None
-        self._marked = False
+        self._marked = False  # this process's compiled decode is noted on disk (``_compile_record``)
         self._use_compiled(self._wants_compiled(0))
         ip = processor.image_processor
         self.pixel_multiple = getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)
@@ -159,7 +159,7 @@ class QwenVLModel:
             if self.compiled_decode and not self._marked and self.device == "cuda":
                 from flywheel.models.vlm_speed import remember_compiled
 
-                remember_compiled(self._marker(), self._compile_key or {})
+                remember_compiled(*self._compile_record)
                 self._marked = True
             new = ids[:n, inputs["input_ids"].shape[1]:]  # left padding: every answer starts at the same column
             out.extend(t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True))
@@ -270,21 +270,22 @@ class QwenVLModel:
         if self.compiled_decode:
             return True
         warm = (self.compile == "auto" and self.device == "cuda" and requests >= COMPILE_PAYS_OFF_WARM
-                and compiled_before(self._marker()))
+                and compiled_before(self._compile_record[0]))
         return use_compiled_decode(self.compile, self.device, self.quantization, requests=requests, warm=warm)
 
-    def _marker(self):
-        """Where this machine notes that it compiled this decode step (``vlm_speed.compile_marker``)."""
+    @functools.cached_property
+    def _compile_record(self) -> tuple[Path | None, dict[str, Any]]:
+        """(the marker file, its key): where this machine notes that it compiled this decode step
+        (``vlm_speed.compile_marker``), worked out once per adapter."""
         import torch
         import transformers
 
         from flywheel.models.vlm_speed import compile_marker
 
-        if self._compile_key is None:
-            gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-            self._compile_key = {"model": self.model_id, "batch": self.batch_size, "dtype": str(self.model.dtype),
-                                 "torch": torch.__version__, "transformers": transformers.__version__, "gpu": gpu}
-        return compile_marker(self._compile_key)
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        key = {"model": self.model_id, "batch": self.batch_size, "dtype": str(self.model.dtype),
+               "torch": torch.__version__, "transformers": transformers.__version__, "gpu": gpu}
+        return compile_marker(key), key
 
     def _use_compiled(self, wanted: bool) -> None:
         """Switch to the compiled decode once it is wanted, and stay there: its compilation is then paid for."""
